@@ -1,0 +1,59 @@
+"""Defaults shared by every config: the modern ImageNet recipe for ResNet-50.
+
+Each runnable config starts from `get_config()` here and changes what its setup
+needs. Every field can be overridden on the command line as `--config.FIELD=VALUE`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The full set of fields, with the ResNet-50 / ImageNet values."""
+  c = ml_collections.ConfigDict()
+
+  # Model: a name from resnet_jax.models.ARCHITECTURES; any of its fields
+  # (resnet_jax.models.ResNet) can be changed in model_overrides.
+  c.model = 'resnet50'
+  c.model_overrides = ml_collections.ConfigDict()
+  c.dtype = 'bfloat16'  # compute dtype; params, optimizer state, BN stats, loss stay float32
+  c.bn_group_size = 0  # 0: BN statistics over the global batch; N: over groups of N examples
+
+  # Data: resnet_jax.data.DATASETS names the datasets.
+  c.dataset = 'imagenet2012'
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # None -> $TFDS_DATA_DIR / tfds default
+  c.image_size = 224
+  c.train_augment = 'inception'  # imagenet: 'inception' (random-resized crop) or 'scale' (paper)
+  c.normalize = 'per_channel'  # cifar: 'per_pixel_mean' (paper) or 'per_channel'
+  c.device_resident_data = False  # small datasets: whole train split on the devices
+  c.shuffle_buffer = 16 * 1024
+  c.prefetch_batches = 2
+
+  # Schedule and optimizer.
+  c.batch_size = 1024  # global, over all devices and processes
+  c.eval_batch_size = 1024
+  c.num_epochs = 100.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.learning_rate = 0.1  # per 256 examples; scaled by batch_size / 256
+  c.lr_schedule = 'cosine'  # 'cosine' | 'step' | 'constant'
+  c.lr_boundaries = ()  # 'step': steps where lr is multiplied by lr_decay ...
+  c.lr_boundaries_epochs = ()  # ... or the same in epochs
+  c.lr_decay = 0.1
+  c.warmup_epochs = 5.0
+  c.warmup_steps = -1  # >= 0 overrides warmup_epochs
+  c.optimizer = 'sgd'  # 'sgd' | 'lars'
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 1e-4
+  c.weight_decay_on_norm_and_bias = False
+  c.label_smoothing = 0.0
+
+  # Bookkeeping.
+  c.seed = 0
+  c.log_every_steps = 100
+  c.eval_every_steps = -1  # -1: once per epoch
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.on_nonfinite_loss = 'stop'  # 'stop' | 'skip'
+  c.profile_steps = 0  # > 0: trace that many steps into WORKDIR/profile
+  c.compilation_cache_dir = '~/.cache/resnet_jax/xla'  # '' disables the persistent cache
+  return c

@@ -1,0 +1,309 @@
+"""The ResNet family of He et al. (2015) as Flax linen modules, plain and residual.
+
+One constructor, `ResNet`, builds every network of the paper from a handful of fields
+(stem, stage sizes and widths, block type, shortcut option, residual or plain); the
+named architectures in `ARCHITECTURES` are small declarations over it and
+`build_model` turns a name plus overrides into a module. Blocks receive `conv` and
+`norm` partials from the constructor, so precision, initialisation and BatchNorm
+flavour are decided in one place.
+
+Imports no tensorflow: this module runs on machines that only have jax and flax.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.errors import UserError
+
+ModuleDef = Callable[..., nn.Module]
+
+# BN after every conv, before the ReLU (paper section 3.4); torchvision's constants.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+KERNEL_INITS = {
+    # He/MSRA init as the paper and torchvision (kaiming_normal_, mode='fan_out').
+    'he_fan_out': nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+    'flax_default': nn.linear.default_kernel_init,
+}
+
+
+class GroupBatchNorm(nn.Module):
+  """BatchNorm whose training statistics come from groups of `group_size` examples.
+
+  MLPerf-style "BN groups": each group of consecutive examples is normalised with its
+  own mean and variance (as if each small group were on its own device), which keeps
+  the regulariser of small per-device batches when the global batch is large. The
+  running averages track the mean over groups. Works under plain `jax.jit`: the
+  grouping is a reshape of the (sharded) batch axis.
+  """
+
+  group_size: int
+  use_running_average: bool = False
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', self.scale_init, (features,), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (features,), self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+      y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+    else:
+      batch = x.shape[0]
+      if batch % self.group_size:
+        raise UserError(f'bn_group_size={self.group_size} does not divide the batch of '
+                        f'{batch}; choose a divisor of the per-device batch.')
+      xg = x.astype(jnp.float32).reshape(batch // self.group_size, -1, features)
+      mean = xg.mean(axis=1, keepdims=True)
+      var = jnp.maximum((xg * xg).mean(axis=1, keepdims=True) - mean * mean, 0.0)
+      y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(axis=(0, 1))
+        ra_var.value = m * ra_var.value + (1 - m) * var.mean(axis=(0, 1))
+    return (y * scale + bias).astype(self.dtype)
+
+
+def _shortcut(x: jax.Array, out: int, strides: int, option: str, conv: ModuleDef,
+              norm: ModuleDef) -> jax.Array:
+  """The paper's shortcut (section 3.3) from `x` to a branch with `out` channels.
+
+  A: identity; where the shape changes, stride-s subsampling and zero-padded extra
+  channels (no parameters). B: a 1x1 projection + BN only where the shape changes.
+  C: a projection on every block. Must be called inside a compact method.
+  """
+  changes_shape = strides != 1 or x.shape[-1] != out
+  if option == 'C' or (option == 'B' and changes_shape):
+    return norm(name='proj_bn')(conv(out, (1, 1), (strides, strides), name='proj_conv')(x))
+  if not changes_shape:
+    return x
+  x = x[:, ::strides, ::strides, :]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, out - x.shape[-1])))
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34 and the CIFAR nets), then shortcut + ReLU."""
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  residual: bool = True
+  shortcut: str = 'B'
+  zero_init_last_bn: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.filters, (3, 3), name='conv2')(y)
+    y = _last_norm(self, 'bn2')(y)
+    return _join(self, x, y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand (x4) (ResNet-50/101/152), then shortcut + ReLU.
+
+  `stride_in_1x1` puts the stride in the first 1x1 as the paper does ("v1"); otherwise
+  it sits in the 3x3 as torchvision does ("v1.5", more accurate, a little slower).
+  """
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  residual: bool = True
+  shortcut: str = 'B'
+  zero_init_last_bn: bool = False
+  stride_in_1x1: bool = False
+  expansion: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = (self.strides, self.strides)
+    y = self.conv(self.filters, (1, 1), s if self.stride_in_1x1 else (1, 1), name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.filters, (3, 3), (1, 1) if self.stride_in_1x1 else s, name='conv2')(y)
+    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.conv(self.filters * self.expansion, (1, 1), name='conv3')(y)
+    y = _last_norm(self, 'bn3')(y)
+    return _join(self, x, y)
+
+
+def _last_norm(block: nn.Module, name: str) -> nn.Module:
+  """The block's last BN; zero scale makes a residual block start as the identity."""
+  if block.zero_init_last_bn:
+    return block.norm(name=name, scale_init=nn.initializers.zeros)
+  return block.norm(name=name)
+
+
+def _join(block: nn.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+  """relu(y + shortcut(x)) for a residual block, relu(y) for its plain twin."""
+  if block.residual:
+    y = y + _shortcut(x, y.shape[-1], block.strides, block.shortcut, block.conv, block.norm)
+  return nn.relu(y)
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
+STEMS = ('imagenet', 'cifar')
+SHORTCUTS = ('A', 'B', 'C')
+STRIDE_PLACEMENTS = ('v1', 'v1.5')
+
+
+class ResNet(nn.Module):
+  """A residual network, or its plain twin, of any depth and width.
+
+  Input NHWC of any size and channel count; output float32 logits [N, num_classes]
+  whatever the compute `dtype`. Parameters are kept in `param_dtype` (float32).
+  """
+
+  stage_sizes: Sequence[int]
+  stage_widths: Sequence[int] = (64, 128, 256, 512)
+  block: str = 'basic'  # 'basic' | 'bottleneck'
+  stem: str = 'imagenet'  # 'imagenet': 7x7/2 conv + 3x3/2 max pool; 'cifar': one 3x3 conv
+  stem_width: int = 64
+  residual: bool = True  # False: the plain net, the same stack with no shortcuts at all
+  shortcut: str = 'B'  # 'A' | 'B' | 'C', paper section 3.3
+  stride_placement: str = 'v1.5'  # 'v1': stride in the bottleneck's first 1x1 (paper)
+  zero_init_last_bn: bool = False
+  kernel_init: str = 'he_fan_out'  # 'he_fan_out' | 'flax_default'
+  num_classes: int = 1000
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  bn_momentum: float = BN_MOMENTUM
+  bn_epsilon: float = BN_EPSILON
+  bn_group_size: int = 0  # 0: statistics over the whole (global) batch
+
+  def __post_init__(self):
+    _check_choice('block', self.block, BLOCKS)
+    _check_choice('stem', self.stem, STEMS)
+    _check_choice('shortcut', self.shortcut, SHORTCUTS)
+    _check_choice('stride_placement', self.stride_placement, STRIDE_PLACEMENTS)
+    _check_choice('kernel_init', self.kernel_init, KERNEL_INITS)
+    if len(self.stage_sizes) != len(self.stage_widths):
+      raise UserError(f'stage_sizes {tuple(self.stage_sizes)} and stage_widths '
+                      f'{tuple(self.stage_widths)} must have the same length.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    conv = functools.partial(_Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             kernel_init=KERNEL_INITS[self.kernel_init])
+    norm = self._norm(train)
+    x = x.astype(self.dtype)
+    if self.stem == 'imagenet':
+      x = conv(self.stem_width, (7, 7), (2, 2), name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = conv(self.stem_width, (3, 3), name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+    # Stage outputs are sown so tools and tests can read them (mutable=['intermediates']).
+    self.sow('intermediates', 'stem', x)
+    block_cls = BLOCKS[self.block]
+    if self.block == 'bottleneck':
+      block_cls = functools.partial(block_cls, stride_in_1x1=self.stride_placement == 'v1')
+    for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+      for j in range(size):
+        x = block_cls(
+            width, conv=conv, norm=norm, strides=2 if i > 0 and j == 0 else 1,
+            residual=self.residual, shortcut=self.shortcut,
+            zero_init_last_bn=self.zero_init_last_bn,
+            name=f'stage{i + 1}_block{j + 1}')(x)
+      self.sow('intermediates', f'stage{i + 1}', x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name='head')(x)
+    return x.astype(jnp.float32)
+
+  def _norm(self, train: bool) -> ModuleDef:
+    common = dict(use_running_average=not train, momentum=self.bn_momentum,
+                  epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.bn_group_size:
+      return functools.partial(GroupBatchNorm, group_size=self.bn_group_size, **common)
+    return functools.partial(nn.BatchNorm, **common)
+
+
+class _Conv(nn.Conv):
+  """nn.Conv with torchvision's explicit padding (k // 2 each side), not 'SAME'.
+
+  For stride 2 on even inputs 'SAME' pads only the bottom/right; symmetric padding
+  gives the same output sizes as the paper's nets and matches torchvision numerically.
+  """
+
+  def __post_init__(self):
+    if self.padding == 'SAME':
+      object.__setattr__(self, 'padding', tuple((k // 2, k // 2) for k in self.kernel_size))
+    super().__post_init__()
+
+
+def _check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise UserError(f'unknown model {field} {value!r}; choose one of {", ".join(choices)}.')
+
+
+# --- Named architectures -------------------------------------------------------------
+
+_IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3),
+                    101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+
+
+def _imagenet_net(depth: int, residual: bool) -> dict[str, Any]:
+  return dict(stage_sizes=_IMAGENET_STAGES[depth], residual=residual,
+              block='basic' if depth < 50 else 'bottleneck')
+
+
+def _cifar_net(depth: int, residual: bool) -> dict[str, Any]:
+  """The paper's 6n+2-layer CIFAR nets (section 4.2), option A shortcuts."""
+  n = (depth - 2) // 6
+  return dict(stage_sizes=(n, n, n), stage_widths=(16, 32, 64), stem='cifar', stem_width=16,
+              shortcut='A', residual=residual, num_classes=10)
+
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    **{f'resnet{d}': _imagenet_net(d, True) for d in (18, 34, 50, 101, 152, 200)},
+    **{f'plain{d}': _imagenet_net(d, False) for d in (18, 34, 50, 101, 152)},
+    **{f'cifar_resnet{d}': _cifar_net(d, True) for d in (20, 32, 44, 56, 110, 1202)},
+    **{f'cifar_plain{d}': _cifar_net(d, False) for d in (20, 32, 44, 56, 110)},
+    # The design note's experiment: ResNet-34 on 28x28x1 MNIST (the map is 1x1 at the end).
+    'mnist_resnet34': dict(_imagenet_net(34, True), num_classes=10),
+}
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ResNet) if f.name not in ('parent', 'name'))
+
+
+def model_kwargs(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The constructor arguments of architecture `name` with `overrides` applied."""
+  if name not in ARCHITECTURES:
+    raise UserError(f'unknown model {name!r}; known models: {", ".join(ARCHITECTURES)}.')
+  overrides = dict(overrides or {})
+  unknown = sorted(set(overrides) - set(MODEL_FIELDS))
+  if unknown:
+    raise UserError(f'unknown model field(s) {", ".join(unknown)}; '
+                    f'model fields are: {", ".join(MODEL_FIELDS)}.')
+  kwargs = {**ARCHITECTURES[name], **overrides}
+  for key in ('dtype', 'param_dtype'):
+    if isinstance(kwargs.get(key), str):
+      kwargs[key] = jnp.dtype(kwargs[key])
+  return kwargs
+
+
+def build_model(name: str, **overrides: Any) -> ResNet:
+  """The architecture `name` from ARCHITECTURES, with any ResNet field overridden."""
+  return ResNet(**model_kwargs(name, overrides))

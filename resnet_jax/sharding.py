@@ -1,0 +1,56 @@
+"""The device mesh and how arrays are laid out on it.
+
+One mesh axis, `data`, over every device of every process: batches are split along
+it, parameters and optimizer state are replicated. Kept in one place so the data
+pipeline, the train step and checkpoint restore agree on the layout.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from resnet_jax.errors import UserError
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data axis, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full copy on every device of the mesh."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> None:
+  """Raise a UserError unless `batch_size` splits evenly over the mesh's devices."""
+  n = mesh.devices.size
+  if batch_size % n:
+    lower = max(n, batch_size // n * n)
+    raise UserError(
+        f'{what}={batch_size} is not divisible by the {n} devices of the mesh; '
+        f'set --config.{what}={lower} (or another multiple of {n}).')
+
+
+def local_batch_size(global_batch: int, mesh: Mesh) -> int:
+  """The part of a global batch that this process feeds (its devices' share)."""
+  check_batch_divisible(global_batch, mesh)
+  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  return global_batch // mesh.devices.size * local_devices
+
+
+def to_global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble each process's part of a batch into global arrays sharded on `data`."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), local)
