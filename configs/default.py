@@ -4,7 +4,11 @@ Each runnable config starts from `get_config()` here and changes what its setup
 needs. Every field can be overridden on the command line as `--config.FIELD=VALUE`.
 """
 
+import dataclasses
+
 import ml_collections
+
+from resnet_jax import models
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -14,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: a name from resnet_jax.models.ARCHITECTURES; any of its fields
   # (resnet_jax.models.ResNet) can be changed in model_overrides.
   c.model = 'resnet50'
-  c.model_overrides = ml_collections.ConfigDict()
+  c.model_overrides = _model_overrides()
   c.dtype = 'bfloat16'  # compute dtype; params, optimizer state, BN stats, loss stay float32
   c.bn_group_size = 0  # 0: BN statistics over the global batch; N: over groups of N examples
 
@@ -40,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.lr_decay = 0.1
   c.warmup_epochs = 5.0
   c.warmup_steps = -1  # >= 0 overrides warmup_epochs
+  c.warmup = 'linear'  # 'linear' from 0, or 'constant' at warmup_factor x the peak (paper, R-110)
+  c.warmup_factor = 0.1
   c.optimizer = 'sgd'  # 'sgd' | 'lars'
   c.momentum = 0.9
   c.nesterov = True
@@ -56,4 +62,31 @@ def get_config() -> ml_collections.ConfigDict:
   c.on_nonfinite_loss = 'stop'  # 'stop' | 'skip'
   c.profile_steps = 0  # > 0: trace that many steps into WORKDIR/profile
   c.compilation_cache_dir = '~/.cache/resnet_jax/xla'  # '' disables the persistent cache
+  return c
+
+
+def imagenet(model: str) -> ml_collections.ConfigDict:
+  """The modern ImageNet recipe (REFERENCE.md section 2) for `model`."""
+  c = get_config()
+  c.model = model
+  # Zero-init of the last BN helps residual nets; plain nets have no identity to start from.
+  c.model_overrides.zero_init_last_bn = model.startswith('resnet')
+  return c
+
+
+# ResNet fields whose default is not of the type a command-line value should have.
+_FIELD_TYPES = {'stage_sizes': tuple, 'stage_widths': tuple, 'dtype': str, 'param_dtype': str}
+
+
+def _model_overrides() -> ml_collections.ConfigDict:
+  """Every field of models.ResNet, unset (None) until a config or flag sets it.
+
+  Listing them lets `--config.model_overrides.shortcut=A` work on a locked config, and
+  makes a misspelt field an error instead of a silently ignored one.
+  """
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(models.ResNet):
+    if f.name in models.MODEL_FIELDS:
+      default = None if f.default is dataclasses.MISSING else f.default
+      c[f.name] = ml_collections.config_dict.placeholder(_FIELD_TYPES.get(f.name, type(default)))
   return c

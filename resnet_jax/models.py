@@ -28,9 +28,9 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 KERNEL_INITS = {
-    # He/MSRA init as the paper and torchvision (kaiming_normal_, mode='fan_out').
-    'he_fan_out': nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-    'flax_default': nn.linear.default_kernel_init,
+  # He/MSRA init as the paper and torchvision (kaiming_normal_, mode='fan_out').
+  'he_fan_out': nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+  'flax_default': nn.linear.default_kernel_init,
 }
 
 
@@ -66,8 +66,10 @@ class GroupBatchNorm(nn.Module):
     else:
       batch = x.shape[0]
       if batch % self.group_size:
-        raise UserError(f'bn_group_size={self.group_size} does not divide the batch of '
-                        f'{batch}; choose a divisor of the per-device batch.')
+        raise UserError(
+          f'bn_group_size={self.group_size} does not divide the batch of '
+          f'{batch}; choose a divisor of the per-device batch.'
+        )
       xg = x.astype(jnp.float32).reshape(batch // self.group_size, -1, features)
       mean = xg.mean(axis=1, keepdims=True)
       var = jnp.maximum((xg * xg).mean(axis=1, keepdims=True) - mean * mean, 0.0)
@@ -79,8 +81,9 @@ class GroupBatchNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-def _shortcut(x: jax.Array, out: int, strides: int, option: str, conv: ModuleDef,
-              norm: ModuleDef) -> jax.Array:
+def _shortcut(
+  x: jax.Array, out: int, strides: int, option: str, conv: ModuleDef, norm: ModuleDef
+) -> jax.Array:
   """The paper's shortcut (section 3.3) from `x` to a branch with `out` channels.
 
   A: identity; where the shape changes, stride-s subsampling and zero-padded extra
@@ -196,15 +199,21 @@ class ResNet(nn.Module):
     _check_choice('stride_placement', self.stride_placement, STRIDE_PLACEMENTS)
     _check_choice('kernel_init', self.kernel_init, KERNEL_INITS)
     if len(self.stage_sizes) != len(self.stage_widths):
-      raise UserError(f'stage_sizes {tuple(self.stage_sizes)} and stage_widths '
-                      f'{tuple(self.stage_widths)} must have the same length.')
+      raise UserError(
+        f'stage_sizes {tuple(self.stage_sizes)} and stage_widths '
+        f'{tuple(self.stage_widths)} must have the same length.'
+      )
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    conv = functools.partial(_Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             kernel_init=KERNEL_INITS[self.kernel_init])
+    conv = functools.partial(
+      _Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=KERNEL_INITS[self.kernel_init],
+    )
     norm = self._norm(train)
     x = x.astype(self.dtype)
     if self.stem == 'imagenet':
@@ -219,22 +228,31 @@ class ResNet(nn.Module):
     block_cls = BLOCKS[self.block]
     if self.block == 'bottleneck':
       block_cls = functools.partial(block_cls, stride_in_1x1=self.stride_placement == 'v1')
-    for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+    for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths, strict=True)):
       for j in range(size):
         x = block_cls(
-            width, conv=conv, norm=norm, strides=2 if i > 0 and j == 0 else 1,
-            residual=self.residual, shortcut=self.shortcut,
-            zero_init_last_bn=self.zero_init_last_bn,
-            name=f'stage{i + 1}_block{j + 1}')(x)
+          width,
+          conv=conv,
+          norm=norm,
+          strides=2 if i > 0 and j == 0 else 1,
+          residual=self.residual,
+          shortcut=self.shortcut,
+          zero_init_last_bn=self.zero_init_last_bn,
+          name=f'stage{i + 1}_block{j + 1}',
+        )(x)
       self.sow('intermediates', f'stage{i + 1}', x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='head')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return x.astype(jnp.float32)
 
   def _norm(self, train: bool) -> ModuleDef:
-    common = dict(use_running_average=not train, momentum=self.bn_momentum,
-                  epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    common = dict(
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     if self.bn_group_size:
       return functools.partial(GroupBatchNorm, group_size=self.bn_group_size, **common)
     return functools.partial(nn.BatchNorm, **common)
@@ -260,29 +278,45 @@ def _check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
 
 # --- Named architectures -------------------------------------------------------------
 
-_IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3),
-                    101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+_IMAGENET_STAGES = {
+  18: (2, 2, 2, 2),
+  34: (3, 4, 6, 3),
+  50: (3, 4, 6, 3),
+  101: (3, 4, 23, 3),
+  152: (3, 8, 36, 3),
+  200: (3, 24, 36, 3),
+}
 
 
 def _imagenet_net(depth: int, residual: bool) -> dict[str, Any]:
-  return dict(stage_sizes=_IMAGENET_STAGES[depth], residual=residual,
-              block='basic' if depth < 50 else 'bottleneck')
+  return dict(
+    stage_sizes=_IMAGENET_STAGES[depth],
+    residual=residual,
+    block='basic' if depth < 50 else 'bottleneck',
+  )
 
 
 def _cifar_net(depth: int, residual: bool) -> dict[str, Any]:
   """The paper's 6n+2-layer CIFAR nets (section 4.2), option A shortcuts."""
   n = (depth - 2) // 6
-  return dict(stage_sizes=(n, n, n), stage_widths=(16, 32, 64), stem='cifar', stem_width=16,
-              shortcut='A', residual=residual, num_classes=10)
+  return dict(
+    stage_sizes=(n, n, n),
+    stage_widths=(16, 32, 64),
+    stem='cifar',
+    stem_width=16,
+    shortcut='A',
+    residual=residual,
+    num_classes=10,
+  )
 
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    **{f'resnet{d}': _imagenet_net(d, True) for d in (18, 34, 50, 101, 152, 200)},
-    **{f'plain{d}': _imagenet_net(d, False) for d in (18, 34, 50, 101, 152)},
-    **{f'cifar_resnet{d}': _cifar_net(d, True) for d in (20, 32, 44, 56, 110, 1202)},
-    **{f'cifar_plain{d}': _cifar_net(d, False) for d in (20, 32, 44, 56, 110)},
-    # The design note's experiment: ResNet-34 on 28x28x1 MNIST (the map is 1x1 at the end).
-    'mnist_resnet34': dict(_imagenet_net(34, True), num_classes=10),
+  **{f'resnet{d}': _imagenet_net(d, True) for d in (18, 34, 50, 101, 152, 200)},
+  **{f'plain{d}': _imagenet_net(d, False) for d in (18, 34, 50, 101, 152)},
+  **{f'cifar_resnet{d}': _cifar_net(d, True) for d in (20, 32, 44, 56, 110, 1202)},
+  **{f'cifar_plain{d}': _cifar_net(d, False) for d in (20, 32, 44, 56, 110)},
+  # The design note's experiment: ResNet-34 on 28x28x1 MNIST (the map is 1x1 at the end).
+  'mnist_resnet34': dict(_imagenet_net(34, True), num_classes=10),
 }
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ResNet) if f.name not in ('parent', 'name'))
@@ -295,8 +329,9 @@ def model_kwargs(name: str, overrides: Mapping[str, Any] | None = None) -> dict[
   overrides = dict(overrides or {})
   unknown = sorted(set(overrides) - set(MODEL_FIELDS))
   if unknown:
-    raise UserError(f'unknown model field(s) {", ".join(unknown)}; '
-                    f'model fields are: {", ".join(MODEL_FIELDS)}.')
+    raise UserError(
+      f'unknown model field(s) {", ".join(unknown)}; model fields are: {", ".join(MODEL_FIELDS)}.'
+    )
   kwargs = {**ARCHITECTURES[name], **overrides}
   for key in ('dtype', 'param_dtype'):
     if isinstance(kwargs.get(key), str):

@@ -38,8 +38,9 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = 'batch_size')
   if batch_size % n:
     lower = max(n, batch_size // n * n)
     raise UserError(
-        f'{what}={batch_size} is not divisible by the {n} devices of the mesh; '
-        f'set --config.{what}={lower} (or another multiple of {n}).')
+      f'{what}={batch_size} is not divisible by the {n} devices of the mesh; '
+      f'set --config.{what}={lower} (or another multiple of {n}).'
+    )
 
 
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:
@@ -49,8 +50,19 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
   return global_batch // mesh.devices.size * local_devices
 
 
+def process_batch_rows(global_batch: int, mesh: Mesh) -> np.ndarray:
+  """Rows of a global batch that this process feeds, in the order `to_global_batch` takes them.
+
+  jax maps a process's local rows onto the sorted global rows of its devices, so every
+  process can cut its part out of the same global batch and the batch stays independent
+  of how many processes there are.
+  """
+  check_batch_divisible(global_batch, mesh)
+  slices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
+  return np.unique(np.concatenate([np.arange(*s[0].indices(global_batch)) for s in slices]))
+
+
 def to_global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assemble each process's part of a batch into global arrays sharded on `data`."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)

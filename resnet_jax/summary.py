@@ -65,8 +65,14 @@ def summarize(model: models.ResNet, input_shape: tuple[int, int, int]) -> list[R
   params = variables['params']
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   stem_parts = [k for k in params if k.startswith('stem')]
-  rows = [Row('stem', tuple(variables['intermediates']['stem'][0].shape[1:]),
-              count([params[k] for k in stem_parts]), sum(macs.get(k, 0) for k in stem_parts))]
+  rows = [
+    Row(
+      'stem',
+      tuple(variables['intermediates']['stem'][0].shape[1:]),
+      count([params[k] for k in stem_parts]),
+      sum(macs.get(k, 0) for k in stem_parts),
+    )
+  ]
   # `shapes` is in call order: blocks stage by stage, then the head.
   rows += [Row(k, shapes[k], count(params[k]), macs[k]) for k in shapes if k not in stem_parts]
   return rows
@@ -87,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
   """Command-line entry point; returns the exit code."""
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('name', help='architecture name, e.g. resnet50, cifar_plain56')
-  p.add_argument('--image_size', type=int, default=None,
-                 help='input height and width (default: 224, 32 for cifar_*, 28 for mnist_*)')
+  p.add_argument(
+    '--image_size',
+    type=int,
+    default=None,
+    help='input height and width (default: 224, 32 for cifar_*, 28 for mnist_*)',
+  )
   p.add_argument('--channels', type=int, default=None, help='input channels (default 3; 1 mnist)')
   p.add_argument('--num_classes', type=int, default=None)
   p.add_argument('--json', action='store_true', help='print one JSON object')
@@ -100,15 +110,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   default_size, default_channels = {'cifar': (32, 3), 'mnist': (28, 1)}.get(
-      a.name.split('_')[0], (224, 3))
-  shape = (a.image_size or default_size, a.image_size or default_size,
-           a.channels or default_channels)
+    a.name.split('_')[0], (224, 3)
+  )
+  shape = (
+    a.image_size or default_size,
+    a.image_size or default_size,
+    a.channels or default_channels,
+  )
   rows = summarize(model, shape)
   if a.json:
-    print(json.dumps({'model': a.name, 'input_shape': shape,
-                      'params': sum(r.params for r in rows),
-                      'gmacs': sum(r.macs for r in rows) / 1e9,
-                      'layers': [dataclasses.asdict(r) for r in rows]}))
+    print(
+      json.dumps(
+        {
+          'model': a.name,
+          'input_shape': shape,
+          'params': sum(r.params for r in rows),
+          'gmacs': sum(r.macs for r in rows) / 1e9,
+          'layers': [dataclasses.asdict(r) for r in rows],
+        }
+      )
+    )
   else:
     print(_table(f'{a.name} on {"x".join(map(str, shape))}', rows))
   return 0

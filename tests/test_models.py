@@ -15,17 +15,35 @@ from resnet_jax.errors import UserError
 
 # ../shared/REFERENCE.md section 1.
 PARAMS = {
-    'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
-    'resnet101': 44_549_160, 'resnet152': 60_192_808,
-    'plain18': 11_515_688, 'plain34': 21_623_848,
-    'plain50': 22_780_456, 'plain101': 41_772_584, 'plain152': 57_416_232,
-    'cifar_resnet20': 269_722, 'cifar_resnet32': 464_154, 'cifar_resnet44': 658_586,
-    'cifar_resnet56': 853_018, 'cifar_resnet110': 1_727_962, 'cifar_resnet1202': 19_421_274,
-    'cifar_plain20': 269_722, 'cifar_plain32': 464_154, 'cifar_plain44': 658_586,
-    'cifar_plain56': 853_018, 'cifar_plain110': 1_727_962,
+  'resnet18': 11_689_512,
+  'resnet34': 21_797_672,
+  'resnet50': 25_557_032,
+  'resnet101': 44_549_160,
+  'resnet152': 60_192_808,
+  'plain18': 11_515_688,
+  'plain34': 21_623_848,
+  'plain50': 22_780_456,
+  'plain101': 41_772_584,
+  'plain152': 57_416_232,
+  'cifar_resnet20': 269_722,
+  'cifar_resnet32': 464_154,
+  'cifar_resnet44': 658_586,
+  'cifar_resnet56': 853_018,
+  'cifar_resnet110': 1_727_962,
+  'cifar_resnet1202': 19_421_274,
+  'cifar_plain20': 269_722,
+  'cifar_plain32': 464_154,
+  'cifar_plain44': 658_586,
+  'cifar_plain56': 853_018,
+  'cifar_plain110': 1_727_962,
 }
-GMACS = {'resnet18': 1.81, 'resnet34': 3.66, 'resnet50': 4.09, 'resnet101': 7.80,
-         'resnet152': 11.51}
+GMACS = {
+  'resnet18': 1.81,
+  'resnet34': 3.66,
+  'resnet50': 4.09,
+  'resnet101': 7.80,
+  'resnet152': 11.51,
+}
 
 
 def _abstract_variables(model, shape):
@@ -62,19 +80,24 @@ def test_gmacs_at_224(name):
 
 
 def test_stride_placement_v1_moves_the_stride_to_the_first_1x1():
-  macs = {p: sum(r.macs for r in summary.summarize(
-      models.build_model('resnet50', stride_placement=p), (224, 224, 3)))
-          for p in ('v1', 'v1.5')}
+  macs = {
+    p: sum(
+      r.macs
+      for r in summary.summarize(models.build_model('resnet50', stride_placement=p), (224, 224, 3))
+    )
+    for p in ('v1', 'v1.5')
+  }
   # The 3x3 of each downsampling block then runs at the lower resolution.
   assert macs['v1'] < macs['v1.5'] * 0.96
 
 
-@pytest.mark.parametrize('name,channels', [('resnet34', (64, 128, 256, 512)),
-                                           ('resnet50', (256, 512, 1024, 2048))])
+@pytest.mark.parametrize(
+  'name,channels', [('resnet34', (64, 128, 256, 512)), ('resnet50', (256, 512, 1024, 2048))]
+)
 def test_stage_shapes_follow_the_design_note(name, channels):
   inter = _abstract_variables(models.build_model(name), (224, 224, 3))['intermediates']
   assert inter['stem'][0].shape == (1, 56, 56, 64)
-  for i, (size, ch) in enumerate(zip((56, 28, 14, 7), channels)):
+  for i, (size, ch) in enumerate(zip((56, 28, 14, 7), channels, strict=True)):
     assert inter[f'stage{i + 1}'][0].shape == (1, size, size, ch)
 
 
@@ -113,8 +136,9 @@ def test_option_a_zero_pads_and_subsamples():
 
 def test_shortcut_options_place_projections():
   def projected_blocks(shortcut):
-    params = _abstract_variables(models.build_model('resnet34', shortcut=shortcut),
-                                 (64, 64, 3))['params']
+    params = _abstract_variables(models.build_model('resnet34', shortcut=shortcut), (64, 64, 3))[
+      'params'
+    ]
     blocks = [k for k in params if k.startswith('stage')]
     return len(blocks), sum('proj_conv' in params[k] for k in blocks)
 
@@ -175,7 +199,8 @@ def test_group_batch_norm_in_a_model_under_jit():
   x = jax.random.normal(jax.random.key(5), (8, 32, 32, 3))
   variables = _init(model, x)
   logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
-      variables, x)
+    variables, x
+  )
   assert logits.shape == (8, 10)
 
 
@@ -200,6 +225,8 @@ def test_summary_cli_json_and_unknown_name(capsys):
 
 
 def test_model_and_summary_import_without_tensorflow():
-  code = ('import sys; import resnet_jax.models, resnet_jax.summary; '
-          "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+  code = (
+    'import sys; import resnet_jax.models, resnet_jax.summary; '
+    "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+  )
   subprocess.run([sys.executable, '-c', code], check=True)

@@ -1,0 +1,118 @@
+"""Train or evaluate a ResNet from a config file.
+
+    python main.py --config=configs/resnet50_imagenet.py --workdir=DIR
+    python main.py --config=configs/cifar10.py:resnet110 --workdir=DIR --config.batch_size=256
+    python main.py --config=... --workdir=DIR --mode=eval [--checkpoint_step=N]
+
+Rerunning the same command resumes from the latest checkpoint. Started as several
+processes (a multi-host TPU slice, a GPU cluster), each process runs this same command;
+see README.md "Running on many devices".
+"""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resnet_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  'config', None, 'Config file (configs/*.py[:ARG]).', lock_config=True
+)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and resume), or evaluate only.')
+flags.DEFINE_integer('checkpoint_step', None, 'With --mode=eval: the step to evaluate.')
+flags.DEFINE_enum(
+  'distributed',
+  'auto',
+  ['auto', 'on', 'off'],
+  'jax.distributed.initialize: auto = when a cluster environment '
+  '(TPU pod, SLURM, Open MPI) or --coordinator_address is present.',
+)
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+flags.DEFINE_integer('process_id', None, 'This process index (multi-process).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Environment variables that mean "one of several processes of a cluster job".
+_CLUSTER_ENV = (
+  'SLURM_NTASKS',
+  'OMPI_COMM_WORLD_SIZE',
+  'TPU_WORKER_HOSTNAMES',
+  'MEGASCALE_COORDINATOR_ADDRESS',
+)
+
+
+def _wants_distributed() -> bool:
+  if FLAGS.distributed != 'auto':
+    return FLAGS.distributed == 'on'
+  if FLAGS.coordinator_address:
+    return True
+  return any(
+    int(os.environ.get(k, '1')) > 1
+    if k.endswith(('NTASKS', 'SIZE'))
+    else ',' in os.environ.get(k, '')
+    for k in _CLUSTER_ENV
+  )
+
+
+def _init_jax() -> None:
+  import jax
+
+  if _wants_distributed():
+    # CPU processes talk through gloo (the default CPU collectives do not cross processes).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+  cache = FLAGS.config.compilation_cache_dir
+  if cache:
+    # Restarting the same config then loads the compiled step instead of compiling again.
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def run(_) -> None:
+  logging.getLogger().setLevel(logging.INFO)
+  _init_jax()
+  from resnet_jax import train  # after jax.distributed: it must come before any jax use
+
+  if FLAGS.mode == 'eval':
+    metrics = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint_step)
+    print(' '.join(f'{k}={v:.6g}' for k, v in metrics.items()))
+  else:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or config override reported in one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e}; see `python main.py --helpfull`.')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections rejects a misspelt --config.FIELD with "Did you mean ...", in a
+    # repr with escaped quotes and newlines.
+    detail = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
+    _fail(f'bad --config override ({detail}); configs/default.py lists every field.')
+
+
+def main() -> None:
+  try:
+    app.run(run, flags_parser=_parse_flags)
+  except UserError as e:
+    _fail(str(e))
+
+
+if __name__ == '__main__':
+  main()

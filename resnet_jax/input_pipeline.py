@@ -1,0 +1,361 @@
+"""The host side of the input: reading TFDS datasets, decoding and augmenting on the CPU.
+
+The only module that imports tensorflow / tensorflow_datasets (`resnet_jax.data` imports
+it lazily). Everything here yields this process's part of each global batch as numpy
+arrays with uint8 images; `resnet_jax.data` assembles the global arrays and normalises on
+the devices, which sends a quarter of the bytes a float32 image would.
+
+Two kinds of sources:
+- in memory (MNIST, CIFAR): the whole split as numpy; the global batch of step s is a
+  fixed slice of a per-epoch permutation and its augmentation draws from (seed, step), so
+  batches are a pure function of (seed, step) whatever the number of processes or devices;
+- files (ImageNet, Imagenette): each process reads its own contiguous part of the split
+  (`process_split`), shuffles it per epoch with a seed from (seed, epoch) and skips within
+  the epoch to resume. Which examples make up a batch therefore depends on the number of
+  processes (not on the number of devices); augmentation depends only on (seed, step, row).
+"""
+
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resnet_jax.data import DatasetSpec
+from resnet_jax.errors import UserError
+
+# TF only feeds the host pipeline; left to itself it would take GPU memory from jax.
+tf.config.set_visible_devices([], 'GPU')
+
+CROP_PAD = 4  # CIFAR: pad 4 pixels each side, random crop of the original size (the paper)
+AREA_RANGE = (0.08, 1.0)  # Inception-style random-resized crop
+ASPECT_RANGE = (3 / 4, 4 / 3)
+SCALE_RANGE = (256, 480)  # the paper's shorter side, for 224 crops
+EVAL_CROP_FRACTION = 224 / 256  # eval: shorter side resized to 256 for a 224 center crop
+
+Batch = dict[str, np.ndarray]
+
+_PREPARE_SCRIPT = 'run `python ../shared/datasets/prepare_tfds.py --data_dir {dir} --datasets '
+_PREPARE_HINTS = {
+  'mnist': _PREPARE_SCRIPT + 'mnist`',
+  'cifar10': _PREPARE_SCRIPT + 'cifar10`',
+  'fashion_mnist': _PREPARE_SCRIPT + 'fashion_mnist=FILE.npz` with the arrays in the MNIST layout',
+  'imagenet2012': (
+    'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in '
+    '{dir}/downloads/manual and run `tfds build imagenet2012 --data_dir {dir}`'
+  ),
+}
+
+
+def process_split(split: str, process_index: int, process_count: int) -> tfds.typing.SplitArg:
+  """This process's contiguous, disjoint part of `split` (tfds.even_splits, nothing dropped)."""
+  return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def process_split_size(num_examples: int, process_index: int, process_count: int) -> int:
+  """How many examples `process_split` gives a process (the first ones get one more)."""
+  return num_examples // process_count + int(process_index < num_examples % process_count)
+
+
+def missing_data_message(name: str, data_dir: str) -> str:
+  """One line: the dataset is not in `data_dir`, and how to put it there."""
+  hint = _PREPARE_HINTS.get(
+    name, f'run `tfds build {name} --data_dir {{dir}}` where there is internet and copy it here'
+  )
+  return (
+    f'dataset {name} is not prepared in {data_dir}: {hint.format(dir=data_dir)}, or set '
+    '--config.data_dir (or $TFDS_DATA_DIR) to a TFDS data dir that has it.'
+  )
+
+
+def _read(
+  spec: DatasetSpec, data_dir: str | None, split: tfds.typing.SplitArg, **kwargs
+) -> tf.data.Dataset:
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  try:
+    return builder.as_dataset(split=split, **kwargs)
+  except AssertionError as e:  # how tfds says that the data was never prepared there
+    raise UserError(missing_data_message(spec.name, str(builder.data_dir_root))) from e
+
+
+@functools.lru_cache(maxsize=8)
+def load_split(
+  spec: DatasetSpec, split: str, data_dir: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+  """A whole split as (uint8 images [N, H, W, C], int32 labels [N]), in the stored order."""
+  arrays = tfds.as_numpy(_read(spec, data_dir, split, batch_size=-1))
+  return arrays['image'], arrays['label'].astype(np.int32)
+
+
+# In-memory datasets.
+
+
+def memory_train_batches(
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  batch_size: int,
+  rows: np.ndarray,
+  seed: int,
+  crop_flip: bool,
+  start_step: int = 0,
+) -> Iterator[Batch]:
+  """Endless training batches: rows `rows` of the global batch of each step from start_step.
+
+  The global batch of step s is slice s % steps_per_epoch of the permutation of epoch
+  s // steps_per_epoch (the last partial batch of an epoch is dropped); crops and flips
+  are drawn for the whole global batch, so a process's part does not depend on the others.
+  """
+  steps_per_epoch = len(images) // batch_size
+  start_epoch, first = divmod(start_step, steps_per_epoch)
+  for epoch in itertools.count(start_epoch):
+    # Tags 0 and 1 keep the order and augmentation streams apart for equal epoch and step.
+    order = np.random.default_rng([seed, 0, epoch]).permutation(len(images))
+    for position in range(first if epoch == start_epoch else 0, steps_per_epoch):
+      index = order[position * batch_size : (position + 1) * batch_size][rows]
+      batch = images[index]
+      if crop_flip:
+        rng = np.random.default_rng([seed, 1, epoch * steps_per_epoch + position])
+        offsets = rng.integers(0, 2 * CROP_PAD + 1, (batch_size, 2))[rows]
+        flips = (rng.random(batch_size) < 0.5)[rows]
+        batch = pad_crop_flip(batch, offsets, flips)
+      yield {'image': batch, 'label': labels[index]}
+
+
+def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> np.ndarray:
+  """Zero-pad CROP_PAD pixels, crop at `offsets` [B, 2] to the original size, flip where `flips`."""
+  b, h, w, _ = images.shape
+  pads = ((0, 0), (CROP_PAD, CROP_PAD), (CROP_PAD, CROP_PAD), (0, 0))
+  windows = np.lib.stride_tricks.sliding_window_view(np.pad(images, pads), (h, w), axis=(1, 2))
+  crops = windows[np.arange(b), offsets[:, 0], offsets[:, 1]].transpose(0, 2, 3, 1)
+  return np.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
+
+
+def memory_eval_batches(
+  images: np.ndarray, labels: np.ndarray, *, batch_size: int, rows: np.ndarray
+) -> Iterator[Batch]:
+  """One pass in order; rows past the end repeat the last example with mask 0.
+
+  Also yields 'index', each row's position in the split, so coverage can be checked.
+  """
+  n = len(images)
+  for start in range(0, n, batch_size):
+    index = start + rows
+    mask = index < n
+    index = np.minimum(index, n - 1)
+    yield {
+      'image': images[index],
+      'label': labels[index],
+      'mask': mask.astype(np.float32),
+      'index': index,
+    }
+
+
+# File datasets: JPEGs decoded and augmented by tf.data.
+
+
+def example_seed(seed: int, step: tf.Tensor, row: tf.Tensor) -> tf.Tensor:
+  """The stateless seed of the example in row `row` of the global batch of step `step`."""
+  fold_in = tf.random.experimental.stateless_fold_in
+  return fold_in(fold_in(tf.constant([seed, 0], tf.int64), step), row)
+
+
+def train_image(jpeg: tf.Tensor, seed: tf.Tensor, image_size: int, augment: str) -> tf.Tensor:
+  """A random crop of a JPEG ('inception' or the paper's 'scale'), resized and maybe flipped.
+
+  Only the crop window is decoded (decode_and_crop_jpeg), which is most of the speed.
+  """
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  shape = tf.image.extract_jpeg_shape(jpeg)
+  if augment == 'inception':
+    window = _inception_window(shape, crop_seed)
+  else:
+    window = _scale_window(shape, crop_seed, image_size)
+  image = _decode_crop_resize(jpeg, window, image_size)
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def eval_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+  """The center crop that resizing the shorter side to image_size / EVAL_CROP_FRACTION gives."""
+  shape = tf.image.extract_jpeg_shape(jpeg)
+  side = tf.cast(
+    tf.round(tf.cast(tf.reduce_min(shape[:2]), tf.float32) * EVAL_CROP_FRACTION), tf.int32
+  )
+  window = tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
+  return _decode_crop_resize(jpeg, window, image_size)
+
+
+def _inception_window(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  # With the whole image as the box, min_object_covered bounds the crop's area fraction.
+  # If 10 tries find no window, TF returns the whole image (a rare squashed example).
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    shape,
+    bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+    seed=seed,
+    min_object_covered=AREA_RANGE[0],
+    aspect_ratio_range=ASPECT_RANGE,
+    area_range=AREA_RANGE,
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
+  return tf.concat([begin[:2], size[:2]], axis=0)
+
+
+def _scale_window(shape: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
+  # Resizing the shorter side to s and cropping image_size pixels is the same as cropping
+  # image_size * shorter / s source pixels and resizing those: far less to decode and resize.
+  low, high = (s * image_size / 224 for s in SCALE_RANGE)
+  u = tf.random.stateless_uniform([3], seed)
+  shorter = tf.reduce_min(shape[:2])
+  side = image_size * tf.cast(shorter, tf.float32) / (low + u[0] * (high - low))
+  side = tf.clip_by_value(tf.cast(tf.round(side), tf.int32), 1, shorter)
+  y = tf.cast(u[1] * tf.cast(shape[0] - side + 1, tf.float32), tf.int32)
+  x = tf.cast(u[2] * tf.cast(shape[1] - side + 1, tf.float32), tf.int32)
+  return tf.stack([tf.minimum(y, shape[0] - side), tf.minimum(x, shape[1] - side), side, side])
+
+
+def _decode_crop_resize(jpeg: tf.Tensor, window: tf.Tensor, image_size: int) -> tf.Tensor:
+  image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+  image = tf.image.resize(image, [image_size, image_size], method='bilinear')
+  return tf.saturate_cast(tf.round(image), tf.uint8)
+
+
+def file_train_batches(
+  spec: DatasetSpec,
+  data_dir: str | None,
+  *,
+  image_size: int,
+  augment: str,
+  shuffle_buffer: int,
+  seed: int,
+  rows: np.ndarray,
+  process_index: int,
+  process_count: int,
+  steps_per_epoch: int,
+  start_step: int = 0,
+) -> Iterator[Batch]:
+  """Endless batches of `len(rows)` examples from this process's part of the train split.
+
+  Epoch e reads the part with files and examples shuffled by a seed from (seed, e), takes
+  steps_per_epoch local batches from it, and a resumed run skips the steps already done
+  in its epoch. Raises UserError now, not at the first batch, if the data is missing.
+  """
+  split = process_split(spec.train_split, process_index, process_count)
+  epoch = functools.partial(
+    _train_epoch,
+    spec,
+    data_dir,
+    split,
+    image_size=image_size,
+    augment=augment,
+    shuffle_buffer=shuffle_buffer,
+    seed=seed,
+    rows=rows,
+    steps_per_epoch=steps_per_epoch,
+  )
+  start_epoch, first = divmod(start_step, steps_per_epoch)
+  return _chain_epochs(epoch(start_epoch, first), epoch, start_epoch, split)
+
+
+def _chain_epochs(
+  first: tf.data.Dataset,
+  epoch: Callable[[int, int], tf.data.Dataset],
+  start_epoch: int,
+  split: tfds.typing.SplitArg,
+) -> Iterator[Batch]:
+  yield from first.as_numpy_iterator()
+  for e in itertools.count(start_epoch + 1):
+    produced = 0
+    for batch in epoch(e, 0).as_numpy_iterator():
+      produced += 1
+      yield batch
+    if not produced:  # would loop forever
+      raise UserError(
+        f'{split} holds fewer examples than one batch needs; '
+        'lower --config.batch_size or check the prepared data.'
+      )
+
+
+def _train_epoch(
+  spec: DatasetSpec,
+  data_dir: str | None,
+  split: tfds.typing.SplitArg,
+  epoch: int,
+  skip_steps: int,
+  *,
+  image_size: int,
+  augment: str,
+  shuffle_buffer: int,
+  seed: int,
+  rows: np.ndarray,
+  steps_per_epoch: int,
+) -> tf.data.Dataset:
+  local = len(rows)
+  epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+  records = _read(
+    spec,
+    data_dir,
+    split,
+    shuffle_files=True,
+    decoders={'image': tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(shuffle_seed=epoch_seed),
+  )
+  # Shuffled before decoding, so the buffer holds compressed records.
+  records = records.shuffle(shuffle_buffer, seed=epoch_seed).take(steps_per_epoch * local)
+  records = records.enumerate().skip(skip_steps * local)
+  global_rows = tf.constant(rows, tf.int64)
+
+  def prepare(k: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    step = epoch * steps_per_epoch + k // local
+    example_key = example_seed(seed, step, tf.gather(global_rows, k % local))
+    return {
+      'image': train_image(example['image'], example_key, image_size, augment),
+      'label': tf.cast(example['label'], tf.int32),
+    }
+
+  batches = records.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  return _finish(batches.batch(local, drop_remainder=True))
+
+
+def file_eval_batches(
+  spec: DatasetSpec,
+  data_dir: str | None,
+  *,
+  image_size: int,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+) -> Iterator[Batch]:
+  """One pass over this process's part of the eval split, in batches of `batch_size`.
+
+  Every process yields as many batches as the largest part needs (the collective eval
+  step must run equally often everywhere); the rows past its examples have mask 0.
+  """
+  split = process_split(spec.eval_split, process_index, process_count)
+  examples = _read(spec, data_dir, split, decoders={'image': tfds.decode.SkipDecoding()})
+  examples = examples.map(
+    lambda ex: {
+      'image': eval_image(ex['image'], image_size),
+      'label': tf.cast(ex['label'], tf.int32),
+      'mask': tf.constant(1.0),
+    },
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  padding = tf.data.Dataset.from_tensors(
+    {
+      'image': tf.zeros([image_size, image_size, 3], tf.uint8),
+      'label': tf.constant(0),
+      'mask': tf.constant(0.0),
+    }
+  ).repeat()
+  num_batches = -(-process_split_size(spec.num_eval, 0, process_count) // batch_size)
+  batches = examples.concatenate(padding).take(num_batches * batch_size).batch(batch_size)
+  return _finish(batches).as_numpy_iterator()
+
+
+def _finish(batches: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True  # parallel map and interleave keep their order
+  return batches.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,276 @@
+"""The training loop: train, evaluate, log, checkpoint, resume.
+
+`train_and_evaluate(config, workdir)` is the whole run. Rerunning it on the same workdir
+continues from the latest good checkpoint and ends in the same state, bitwise, as an
+uninterrupted run: the data pipeline is a function of (seed, step) and the state in
+the checkpoint is everything else.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from resnet_jax import data, models, optim, sharding
+from resnet_jax import train_step as ts
+from resnet_jax.checkpointing import Checkpoints
+from resnet_jax.errors import UserError
+from resnet_jax.metric_logging import MetricWriter, truncate_metrics
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or a gradient became NaN/inf and the config says to stop."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run is made of, derived from the config alone."""
+
+  mesh: Mesh
+  model: models.ResNet
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  input_shape: tuple[int, int, int]
+  steps_per_epoch: int
+  total_steps: int
+
+
+def build(config: Any, mesh: Mesh | None = None) -> Setup:
+  """Validate the config and build the model, optimizer and schedule for this mesh."""
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  spec = data.get_spec(config.dataset)
+  sharding.check_batch_divisible(config.batch_size, mesh)
+  sharding.check_batch_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
+  if config.on_nonfinite_loss not in ('stop', 'skip'):
+    raise UserError(
+      f"unknown on_nonfinite_loss {config.on_nonfinite_loss!r}; choose 'stop' or 'skip'."
+    )
+  overrides = {
+    'num_classes': spec.num_classes,
+    'dtype': config.dtype,
+    'bn_group_size': config.bn_group_size,
+    **{k: v for k, v in config.model_overrides.items() if v is not None},
+  }
+  model = models.build_model(config.model, **overrides)
+  steps_per_epoch = data.steps_per_epoch(config)
+  total = (
+    config.num_train_steps
+    if config.num_train_steps > 0
+    else math.ceil(config.num_epochs * steps_per_epoch)
+  )
+  tx, schedule = optim.create_optimizer(config, steps_per_epoch, total)
+  data.eval_batches(config, mesh)  # raises now, before any work, if the data is missing
+  return Setup(mesh, model, tx, schedule, data.input_shape(config), steps_per_epoch, total)
+
+
+def restore_or_create(
+  setup: Setup, checkpoints: Checkpoints, seed: int, step: int | None = None
+) -> ts.TrainState:
+  """The latest good checkpoint's state on this mesh, or a fresh one from `seed`."""
+  abstract = ts.abstract_train_state(setup.model, setup.tx, setup.input_shape, setup.mesh)
+  state = checkpoints.restore(abstract, step)
+  if state is None:
+    state = ts.create_train_state(setup.model, setup.tx, setup.input_shape, seed, setup.mesh)
+  return state
+
+
+class _Preemption:
+  """Notices SIGTERM (one process) or a preemption notice shared by all processes."""
+
+  def __init__(self):
+    self._requested = False
+    self._multi = jax.process_count() > 1
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def requested(self, step: int) -> bool:
+    if self._multi:  # every process must stop at the same step
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def close(self) -> None:
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _every(step: int, interval: int, total: int) -> bool:
+  return step == total or (interval > 0 and step % interval == 0)
+
+
+def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def train_and_evaluate(config: Any, workdir: str, mesh: Mesh | None = None) -> ts.TrainState:
+  """Train `config` in `workdir` to its last step (resuming if possible); returns the state."""
+  setup = build(config, mesh)
+  is_writer = jax.process_index() == 0
+  checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+  state = restore_or_create(setup, checkpoints, config.seed)
+  start = int(state.step)
+  if is_writer:
+    truncate_metrics(workdir, start)
+  writer = MetricWriter(workdir, setup.total_steps, enabled=is_writer)
+  log.info(
+    'model %s, %d parameters, %d steps (%d per epoch), starting at step %d',
+    config.model,
+    sum(x.size for x in jax.tree.leaves(state.params)),
+    setup.total_steps,
+    setup.steps_per_epoch,
+    start,
+  )
+  train_step = ts.make_train_step(
+    setup.model,
+    setup.tx,
+    setup.mesh,
+    config.label_smoothing,
+    config.on_nonfinite_loss == 'skip',
+    setup.schedule,
+  )
+  eval_step = ts.make_eval_step(setup.model, setup.mesh)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else setup.steps_per_epoch
+  batches = data.train_batches(config, setup.mesh, start_step=start)
+  preemption = _Preemption()
+  try:
+    state = _loop(
+      config,
+      workdir,
+      setup,
+      state,
+      batches,
+      train_step,
+      eval_step,
+      eval_every,
+      checkpoints,
+      writer,
+      preemption,
+    )
+  finally:
+    preemption.close()
+    checkpoints.close()
+    writer.close()
+  return state
+
+
+def _loop(
+  config,
+  workdir,
+  setup,
+  state,
+  batches: Iterator,
+  train_step,
+  eval_step,
+  eval_every,
+  checkpoints,
+  writer,
+  preemption,
+) -> ts.TrainState:
+  start, total = int(state.step), setup.total_steps
+  pending: list[dict[str, jax.Array]] = []
+  window_start, window_steps = time.perf_counter(), 0
+  profile = _Profile(workdir, start, config.profile_steps)
+  for step in range(start + 1, total + 1):
+    profile.before(step)
+    state, metrics = train_step(state, next(batches))
+    pending.append(metrics)
+    window_steps += 1
+    profile.after(step, state)
+    is_last = step == total
+    evaluate = _every(step, eval_every, total)
+    # Evaluated states are saved too, so the best-by-top-1 checkpoint can be kept.
+    save = evaluate or _every(step, config.checkpoint_every_steps, total)
+    if _every(step, config.log_every_steps, total) or save:
+      means = _mean_metrics(pending)
+      _check_finite(config, step, pending)
+      pending = []
+      now = time.perf_counter()
+      row = {f'train_{k}': v for k, v in means.items() if k not in ('lr', 'finite')}
+      row['lr'] = means['lr']
+      row['img_per_s'] = window_steps * config.batch_size / (now - window_start)
+      writer.write(step, row)
+      writer.progress(
+        step, {'loss': row['train_loss'], 'top1': row['train_top1'], 'img/s': row['img_per_s']}
+      )
+      window_start, window_steps = now, 0
+    eval_metrics = None
+    if evaluate:
+      eval_metrics = ts.evaluate(eval_step, state, data.eval_batches(config, setup.mesh))
+      writer.write(step, eval_metrics)
+      writer.progress(step, eval_metrics, with_eta=False)
+      window_start = time.perf_counter()  # eval time is not training throughput
+    if save:
+      checkpoints.save(step, state, eval_metrics)
+    if not is_last and preemption.requested(step):
+      _check_finite(config, step, pending)
+      checkpoints.save(step, state)
+      checkpoints.wait()
+      log.warning('preempted at step %d: checkpoint saved; rerun the same command to resume', step)
+      break
+  return state
+
+
+def _check_finite(config, step: int, pending: list[dict[str, jax.Array]]) -> None:
+  """Stop (config 'stop') before a non-finite state can reach a checkpoint."""
+  if config.on_nonfinite_loss != 'stop' or not pending:
+    return
+  finite = np.asarray(jax.device_get([m['finite'] for m in pending]))
+  if not finite.all():
+    bad = step - len(pending) + 1 + int(np.argmin(finite))
+    raise NonFiniteLossError(
+      f'non-finite loss or gradient at step {bad}; the last checkpoint before it is intact. '
+      'Lower the learning rate, or set --config.on_nonfinite_loss=skip to skip such steps.'
+    )
+
+
+class _Profile:
+  """Traces `num_steps` steps into WORKDIR/profile, a few steps after compilation."""
+
+  def __init__(self, workdir: str, start: int, num_steps: int):
+    self._dir = f'{workdir}/profile'
+    self._first = start + 3 if num_steps > 0 else -1
+    self._last = self._first + num_steps - 1
+
+  def before(self, step: int) -> None:
+    if step == self._first:
+      jax.profiler.start_trace(self._dir)
+
+  def after(self, step: int, state: ts.TrainState) -> None:
+    if step == self._last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+
+
+def evaluate_checkpoint(
+  config: Any, workdir: str, step: int | None = None, mesh: Mesh | None = None
+) -> dict[str, float]:
+  """Evaluate a checkpoint (default: the latest) on the full eval split and log it."""
+  setup = build(config, mesh)
+  with contextlib.closing(Checkpoints(workdir, config.keep_checkpoints, read_only=True)) as ckpt:
+    if not ckpt.steps():
+      raise UserError(f'no checkpoint in {ckpt.directory}; train first (without --mode=eval).')
+    abstract = ts.abstract_train_state(setup.model, setup.tx, setup.input_shape, setup.mesh)
+    state = ckpt.restore(abstract, step)
+  metrics = ts.evaluate(
+    ts.make_eval_step(setup.model, setup.mesh), state, data.eval_batches(config, setup.mesh)
+  )
+  writer = MetricWriter(workdir, setup.total_steps, enabled=jax.process_index() == 0)
+  writer.write(int(state.step), {**metrics, 'mode': 'eval'})
+  writer.close()
+  return metrics

@@ -1,0 +1,101 @@
+"""main.py end to end: bad input is one line and exit 2; training converges on real MNIST."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from configs import default
+from resnet_jax import sharding, train
+from resnet_jax.metric_logging import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _main(tmp_path, *flags, config='configs/smoke.py', env=None):
+  cmd = [
+    sys.executable,
+    'main.py',
+    f'--config={config}',
+    f'--workdir={tmp_path / "w"}',
+    '--config.compilation_cache_dir=',
+    *flags,
+  ]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', **(env or {}))
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _error_line(result):
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ')
+  return last
+
+
+@pytest.mark.parametrize(
+  'flags,expected',
+  [
+    (['--config.model=resnet51'], "unknown model 'resnet51'; known models: resnet18"),
+    (['--config.dataset=imagenet3'], "unknown dataset 'imagenet3'; set --config.dataset"),
+    (
+      ['--config.batch_size=12'],
+      'batch_size=12 is not divisible by the 8 devices of the mesh; set --config.batch_size=8',
+    ),
+    (['--config.batch_sise=64'], 'Did you mean "batch_size"'),
+    (['--config.model_overrides.shortcutt=A'], 'Did you mean "shortcut"'),
+  ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, expected):
+  assert expected in _error_line(_main(tmp_path, *flags))
+
+
+def test_missing_data_names_the_preparation_command(tmp_path):
+  empty = tmp_path / 'no_data'
+  empty.mkdir()
+  line = _error_line(_main(tmp_path, '--config.dataset=mnist', f'--config.data_dir={empty}'))
+  assert 'dataset mnist is not prepared' in line and 'prepare_tfds.py' in line
+  assert not (tmp_path / 'w' / 'checkpoints').exists()  # failed before touching the workdir
+
+
+def test_smoke_config_trains_and_logs(tmp_path):
+  result = _main(tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'step 20/20' in result.stderr
+  rows = read_metrics(tmp_path / 'w')
+  train_rows = [r for r in rows if 'train_loss' in r]
+  eval_rows = [r for r in rows if 'eval_top1' in r]
+  assert [r['step'] for r in train_rows] == [5, 10, 15, 20]
+  assert {'train_top1', 'train_top5', 'lr', 'img_per_s'} <= set(train_rows[0])
+  assert [r['step'] for r in eval_rows] == [10, 20] and eval_rows[-1]['eval_count'] == 1000
+  assert list((tmp_path / 'w' / 'tensorboard').iterdir())
+
+
+def test_small_resnet_learns_mnist(tfds_dir, tmp_path):
+  """A 14-layer ResNet on 19k MNIST examples (300 steps of 64) reaches >= 97% test top-1."""
+  c = default.get_config()
+  c.update(
+    dict(
+      model='cifar_resnet20',
+      dataset='mnist',
+      data_dir=tfds_dir,
+      dtype='float32',
+      batch_size=64,
+      eval_batch_size=1000,
+      num_train_steps=300,
+      warmup_steps=30,
+      learning_rate=0.4,
+      log_every_steps=100,
+      eval_every_steps=300,
+      checkpoint_every_steps=300,
+      compilation_cache_dir='',
+    )
+  )
+  c.model_overrides.stage_sizes = (2, 2, 2)
+  train.train_and_evaluate(c, str(tmp_path), sharding.make_mesh(jax.devices()[:1]))
+  final = [r for r in read_metrics(tmp_path) if 'eval_top1' in r][-1]
+  assert final['eval_count'] == 10_000
+  assert final['eval_top1'] >= 0.97, final
