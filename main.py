@@ -14,6 +14,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from resnet_jax.errors import UserError
@@ -78,7 +79,9 @@ def _init_jax() -> None:
 
 
 def run(_) -> None:
-  logging.getLogger().setLevel(logging.INFO)
+  # Our own progress at INFO; the libraries' (orbax, jax, absl) chatter only from WARNING.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('resnet_jax').setLevel(logging.INFO)
   _init_jax()
   from resnet_jax import train  # after jax.distributed: it must come before any jax use
 

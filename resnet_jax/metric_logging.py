@@ -83,7 +83,9 @@ class MetricWriter:
     if self._start is None:
       self._start = (now, step)
     t0, s0 = self._start
-    parts = [f'step {step}/{self._total}'] + [f'{k} {v:.4g}' for k, v in metrics.items()]
+    parts = [f'step {step}/{self._total}'] + [
+      f'{k} {v:.4g}' for k, v in metrics.items() if v is not None
+    ]
     if with_eta:
       eta = (now - t0) / (step - s0) * (self._total - step) if step > s0 else math.nan
       parts.append(f'ETA {_duration(eta)}')

@@ -191,6 +191,9 @@ def _loop(
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
     window_steps += 1
+    if step == start + 1:  # images/s leaves out the first step, which compiles
+      jax.block_until_ready(state)
+      window_start, window_steps = time.perf_counter(), 0
     profile.after(step, state)
     is_last = step == total
     evaluate = _every(step, eval_every, total)
@@ -203,10 +206,11 @@ def _loop(
       now = time.perf_counter()
       row = {f'train_{k}': v for k, v in means.items() if k not in ('lr', 'finite')}
       row['lr'] = means['lr']
-      row['img_per_s'] = window_steps * config.batch_size / (now - window_start)
+      if window_steps:
+        row['img_per_s'] = window_steps * config.batch_size / (now - window_start)
       writer.write(step, row)
       writer.progress(
-        step, {'loss': row['train_loss'], 'top1': row['train_top1'], 'img/s': row['img_per_s']}
+        step, {'loss': row['train_loss'], 'top1': row['train_top1'], 'img/s': row.get('img_per_s')}
       )
       window_start, window_steps = now, 0
     eval_metrics = None

@@ -223,10 +223,13 @@ def test_two_processes_train_like_one(tmp_path, uninterrupted):
     _finish(p)
   a, b = _params(one), _params(two)
   assert int(b.step) == 40
-  # Same global program over 8 devices; the all-reduce crosses processes through gloo.
-  jax.tree.map(
-    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.params, b.params
-  )
+  # The same global program over 8 devices, but gloo sums the cross-process all-reduces
+  # in another order than the in-process one: after 40 steps that rounding (1e-7 per
+  # step) has grown to ~1e-5 in the parameters. Losses must agree to 1e-4 throughout.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-4), a.params, b.params)
+  losses = [[r['train_loss'] for r in read_metrics(w) if 'train_loss' in r] for w in (one, two)]
+  assert len(losses[1]) == 40
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
   # Either setup restores the one checkpoint.
   _assert_same(_params(two, mesh=sharding.make_mesh(jax.devices())).params, b.params)
   shutil.rmtree(one)

@@ -1,0 +1,1 @@
+"""Throughput and precision harnesses; run as modules from the repo root (`python -m ...`)."""

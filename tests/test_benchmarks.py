@@ -1,0 +1,189 @@
+"""The benchmark harnesses run, report what they promise and import no tensorflow."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare, torch_memory
+from benchmarks import train_throughput as tt
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_python(code: str, devices: int = 1, **env: str) -> subprocess.CompletedProcess:
+  """`code` in a fresh interpreter at the repo root, with exactly `devices` CPU devices."""
+  # Set explicitly: the test session's XLA_FLAGS (8 devices) would otherwise be inherited.
+  full_env = {
+    **os.environ,
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'JAX_PLATFORMS': 'cpu',
+    'PYTHONPATH': str(REPO),
+    **env,
+  }
+  return subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)],
+    cwd=REPO,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+
+
+def _results(stdout: str) -> list[dict]:
+  return [
+    json.loads(line[len('RESULT ') :]) for line in stdout.splitlines() if line.startswith('RESULT ')
+  ]
+
+
+def test_harness_reports_a_result_without_tensorflow_or_ml_collections():
+  # As on the GPU machines: no ml_collections (so the config fallback runs), and the run
+  # must not pull in tensorflow. Two devices, so the global batch is really sharded.
+  proc = _run_python(
+    """
+      import sys
+      sys.modules['ml_collections'] = None  # makes `import ml_collections` fail
+      import benchmarks.compare, benchmarks.precision_check, benchmarks.torch_memory
+      from benchmarks import train_throughput
+      code = train_throughput.main(['--model', 'cifar_resnet20', '--batch', '8',
+                                    '--image_size', '16', '--steps', '2', '--windows', '2',
+                                    '--warmup', '1', '--compilation_cache_dir', ''])
+      assert 'tensorflow' not in sys.modules, 'a benchmark module imported tensorflow'
+      sys.exit(code)
+      """,
+    devices=2,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  [row] = _results(proc.stdout)
+  assert row['img_per_s'] > 0 and row['step_ms'] > 0 and row['compile_s'] > 0
+  assert row['device_count'] == 2 and row['per_device_batch'] == 4
+  assert row['xla_flops_per_step'] > 0 and row['model_flops_per_step'] > 0
+  assert row['finite'] and row['donation_ok'] and not row['cache_hit']
+  assert row['mfu'] is None and row['peak_bytes_in_use'] is None  # CPU: no peak, no memory stats
+  assert len(row['img_per_s_windows']) == 2
+
+
+def test_fallback_recipe_equals_configs_default():
+  from configs import default
+
+  config = default.get_config()
+  assert {k: config[k] for k in tt.DEFAULT_RECIPE} == tt.DEFAULT_RECIPE
+
+
+def test_optimizer_config_is_the_recipe_at_a_constant_rate():
+  config = tt.optimizer_config(512)
+  assert (config.batch_size, config.lr_schedule, config.warmup_steps) == (512, 'constant', 0)
+  assert config.nesterov and config.weight_decay == 1e-4
+
+
+@pytest.mark.parametrize(
+  'kind,dtype,peak',
+  [
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989.4),
+    ('NVIDIA H100 80GB HBM3', 'float32', 494.7),
+    ('NVIDIA H100 PCIe', 'bfloat16', 756.0),
+    ('NVIDIA H200', 'bfloat16', 989.4),
+    ('NVIDIA A100-SXM4-80GB', 'bfloat16', 312.0),
+    ('cpu', 'bfloat16', None),
+  ],
+)
+def test_peak_table(kind, dtype, peak):
+  assert tt.peak_tflops(kind, dtype) == peak
+
+
+def test_parse_args_defaults_follow_the_model():
+  assert tt.parse_args(['--model', 'cifar_resnet20']).image_size == 32
+  args = tt.parse_args(['--model', 'mnist_resnet34'])
+  assert (args.image_size, args.channels) == (28, 1)
+  assert tt.DTYPES[tt.parse_args([]).dtype] == 'bfloat16'
+
+
+def test_torch_memory_adds_peak_memory_to_each_variant(tmp_path):
+  # Without torch here: a stand-in torch and torch_reference with the real one's interface.
+  (tmp_path / 'torch.py').write_text(
+    textwrap.dedent("""
+      class cuda:
+        peak = 0
+        is_available = staticmethod(lambda: True)
+        empty_cache = staticmethod(lambda: None)
+        reset_peak_memory_stats = staticmethod(lambda: setattr(cuda, 'peak', 0))
+        max_memory_allocated = staticmethod(lambda: cuda.peak)
+        max_memory_reserved = staticmethod(lambda: 2 * cuda.peak)
+      """)
+  )
+  reference = tmp_path / 'torch_reference.py'
+  reference.write_text(
+    textwrap.dedent("""
+      import torch
+      def measure(model_name, variant, batch, image, steps, warmup):
+        torch.cuda.peak = 1000 if 'compiled' in variant else 3000
+        return dict(who='torchvision', model=model_name, variant=variant, batch=batch,
+                    image=image, img_per_s=1.0)
+      """)
+  )
+  proc = _run_python(
+    f"""
+      import sys
+      sys.path.insert(0, {str(tmp_path)!r})
+      from benchmarks import torch_memory
+      sys.exit(torch_memory.main(['--model', 'resnet18', '--batch', '4', '--label', 'x']))
+      """,
+    TORCH_REFERENCE=str(reference),
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  eager, compiled = _results(proc.stdout)
+  assert (eager['variant'], eager['peak_bytes'], eager['peak_reserved_bytes']) == (
+    'bf16_eager',
+    3000,
+    6000,
+  )
+  assert (compiled['variant'], compiled['peak_bytes'], compiled['label']) == (
+    'bf16_compiled',
+    1000,
+    'x',
+  )
+
+
+def test_find_reference_names_where_it_looked(tmp_path, monkeypatch):
+  monkeypatch.delenv('TORCH_REFERENCE', raising=False)
+  with pytest.raises(FileNotFoundError, match='nowhere.py'):
+    torch_memory.find_reference(str(tmp_path / 'nowhere.py'))
+
+
+def test_compare_table_ratios_and_targets():
+  jax_row = dict(
+    who='resnet_jax',
+    label='r50',
+    model='resnet50',
+    batch=256,
+    image_size=224,
+    dtype='bfloat16',
+    img_per_s=7500.0,
+    peak_bytes_in_use=20 * 2**30,
+    compile_s=50.0,
+    cache_hit=False,
+    mfu=0.2,
+    loss_first=7.0,
+    loss_last=6.0,
+    finite=True,
+  )
+  torch_row = dict(
+    who='torchvision',
+    model='resnet50',
+    batch=256,
+    image=224,
+    variant='bf16_compiled',
+    img_per_s=5000.0,
+    peak_bytes=25 * 2**30,
+  )
+  text = compare.table(
+    compare.load(['RESULT ' + json.dumps(jax_row), json.dumps(torch_row), 'not a result'])
+  )
+  line = text.splitlines()[1].split()
+  assert line[4:7] == ['7500', '5000', '1.50'] and line[8:11] == ['20.00', '25.00', '0.80']
+  assert line[-1] == 'met' and '7.00->6.00 ok' in text
