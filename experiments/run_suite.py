@@ -1,0 +1,193 @@
+"""Run a named ablation suite: one `python main.py ...` subprocess per run and seed.
+
+    python experiments/run_suite.py --suite=cifar10_degradation --workdir=DIR \\
+        [--depths=20,56] [--seeds=3] [--steps_scale=0.1] [--set FIELD=VALUE ...] [--dry_run]
+
+Each run trains in DIR/<run>/seed<k> (with --config.seed=k) and leaves there its command
+line (command.txt), its console log (log.txt) and, after a successful exit, DONE (a JSON
+with the command, the time taken and the date). A rerun skips DONE runs and resumes the
+others from their checkpoints; a failing run leaves FAILED (exit code and the end of its
+log) and the suite goes on. DIR/suite.json describes the runs for experiments/report.py.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+
+from experiments import suites  # noqa: E402
+from resnet_jax.errors import UserError  # noqa: E402
+
+COMMAND_FILE, LOG_FILE, DONE_FILE, FAILED_FILE = 'command.txt', 'log.txt', 'DONE', 'FAILED'
+MANIFEST_FILE = 'suite.json'
+TAIL_LINES = 30
+
+# (command, log file) -> exit code; tests put a fake one in place of the subprocess.
+Runner = Callable[[Sequence[str], str], int]
+
+
+def subprocess_runner(command: Sequence[str], log_path: str) -> int:
+  """Runs `command` from the repository root, stdout and stderr appended to `log_path`."""
+  with open(log_path, 'a') as log:
+    return subprocess.run(
+      command, cwd=suites.REPO, stdout=log, stderr=subprocess.STDOUT, check=False
+    ).returncode
+
+
+def write_manifest(
+  workdir: str,
+  name: str,
+  suite: suites.Suite,
+  runs: Sequence[suites.Run],
+  seeds: int,
+  steps_scale: float,
+) -> None:
+  """WORKDIR/suite.json: the suite and its runs, merged with runs an earlier call made."""
+  path = os.path.join(workdir, MANIFEST_FILE)
+  earlier = read_json(path).get('runs', []) if os.path.exists(path) else []
+  by_name = {r['name']: r for r in earlier} | {r.name: dataclasses.asdict(r) for r in runs}
+  order = [r.name for r in suite.runs]  # the suite's order, whatever order runs were made in
+  manifest = {
+    'suite': name,
+    'description': suite.description,
+    'paper_metric': suite.paper_metric,
+    'seeds': seeds,
+    'steps_scale': steps_scale,
+    'runs': sorted(by_name.values(), key=lambda r: _index(order, r['name'])),
+  }
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(manifest, f, indent=1)
+
+
+def _index(order: list[str], name: str) -> int:
+  return order.index(name) if name in order else len(order)
+
+
+def read_json(path: str) -> dict:
+  """The JSON object in the file at `path`."""
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_job(job: suites.Job, workdir: str, runner: Runner = subprocess_runner) -> str:
+  """Trains one job unless DONE; returns 'ok', 'failed' or 'skipped'."""
+  run_dir = os.path.join(workdir, job.directory)
+  if os.path.exists(os.path.join(run_dir, DONE_FILE)):
+    return 'skipped'
+  os.makedirs(run_dir, exist_ok=True)
+  line = shlex.join(job.command)
+  _write(os.path.join(run_dir, COMMAND_FILE), line + '\n')
+  log_path = os.path.join(run_dir, LOG_FILE)
+  start = time.time()
+  code = runner(job.command, log_path)
+  seconds = round(time.time() - start, 1)
+  if code != 0:
+    _write(os.path.join(run_dir, FAILED_FILE), f'exit code {code}\n{_tail(log_path)}')
+    return 'failed'
+  if os.path.exists(os.path.join(run_dir, FAILED_FILE)):
+    os.remove(os.path.join(run_dir, FAILED_FILE))  # an earlier attempt's, now superseded
+  done = {
+    'command': line,
+    'seconds': seconds,
+    'finished': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+  }
+  _write(os.path.join(run_dir, DONE_FILE), json.dumps(done, indent=1) + '\n')
+  return 'ok'
+
+
+def run_jobs(
+  jobs: Sequence[suites.Job], workdir: str, runner: Runner = subprocess_runner
+) -> dict[str, list[str]]:
+  """Every job in turn, a failure not stopping the rest: {'ok'|'failed'|'skipped': [dirs]}."""
+  results: dict[str, list[str]] = {'ok': [], 'failed': [], 'skipped': []}
+  for i, job in enumerate(jobs, 1):
+    print(f'[{i}/{len(jobs)}] {job.directory} ...', flush=True)
+    start = time.time()
+    status = run_job(job, workdir, runner)
+    results[status].append(job.directory)
+    print(f'[{i}/{len(jobs)}] {job.directory}: {status} ({time.time() - start:.0f} s)', flush=True)
+    if status == 'failed':
+      failed = os.path.join(workdir, job.directory, FAILED_FILE)
+      with open(failed) as f:
+        print(f.read(), file=sys.stderr, flush=True)
+  return results
+
+
+def _tail(path: str, lines: int = TAIL_LINES) -> str:
+  if not os.path.exists(path):
+    return ''
+  with open(path, errors='replace') as f:
+    return ''.join(f.readlines()[-lines:])
+
+
+def _write(path: str, text: str) -> None:
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+def summary(results: dict[str, list[str]]) -> str:
+  """One line of counts, then the failed runs."""
+  counts = ', '.join(f'{len(v)} {k}' for k, v in results.items())
+  return '\n'.join([f'summary: {counts}', *(f'  FAILED {d}' for d in results['failed'])])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--suite', required=True, choices=list(suites.SUITES))
+  parser.add_argument('--workdir', required=True, help='Suite directory: one subdirectory per run.')
+  parser.add_argument(
+    '--depths',
+    type=lambda s: [int(d) for d in s.split(',')],
+    default=[],
+    help='Only the runs of these depths, e.g. 20,56.',
+  )
+  parser.add_argument('--seeds', type=int, default=1, help='Seeds 0..N-1 of every run.')
+  parser.add_argument(
+    '--steps_scale',
+    type=float,
+    default=1.0,
+    help='Multiplies training steps, lr boundaries, warmup and the log, eval '
+    'and checkpoint intervals (fields given with --set are kept as given).',
+  )
+  parser.add_argument(
+    '--set',
+    nargs='+',
+    action='extend',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='Config overrides for every run (main.py --config.FIELD=VALUE).',
+  )
+  parser.add_argument('--dry_run', action='store_true', help='Print the commands; run nothing.')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_args(argv)
+  suite = suites.SUITES[args.suite]
+  workdir = os.path.abspath(args.workdir)
+  try:
+    runs = suites.select_runs(suite, args.depths)
+    jobs = suites.expand(runs, workdir, args.seeds, args.steps_scale, suites.parse_sets(args.set))
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if args.dry_run:
+    print('\n'.join(shlex.join(job.command) for job in jobs))
+    return
+  write_manifest(workdir, args.suite, suite, runs, args.seeds, args.steps_scale)
+  results = run_jobs(jobs, workdir)
+  print(summary(results))
+  sys.exit(1 if results['failed'] else 0)
+
+
+if __name__ == '__main__':
+  main()
