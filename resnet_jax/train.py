@@ -12,7 +12,6 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -136,6 +135,18 @@ def train_and_evaluate(config: Any, workdir: str, mesh: Mesh | None = None) -> t
     setup.steps_per_epoch,
     start,
   )
+  preemption = _Preemption()
+  try:
+    state = _loop(config, workdir, setup, state, checkpoints, writer, preemption)
+  finally:
+    preemption.close()
+    checkpoints.close()
+    writer.close()
+  return state
+
+
+def _loop(config, workdir, setup, state, checkpoints, writer, preemption) -> ts.TrainState:
+  start, total = int(state.step), setup.total_steps
   train_step = ts.make_train_step(
     setup.model,
     setup.tx,
@@ -147,42 +158,6 @@ def train_and_evaluate(config: Any, workdir: str, mesh: Mesh | None = None) -> t
   eval_step = ts.make_eval_step(setup.model, setup.mesh)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else setup.steps_per_epoch
   batches = data.train_batches(config, setup.mesh, start_step=start)
-  preemption = _Preemption()
-  try:
-    state = _loop(
-      config,
-      workdir,
-      setup,
-      state,
-      batches,
-      train_step,
-      eval_step,
-      eval_every,
-      checkpoints,
-      writer,
-      preemption,
-    )
-  finally:
-    preemption.close()
-    checkpoints.close()
-    writer.close()
-  return state
-
-
-def _loop(
-  config,
-  workdir,
-  setup,
-  state,
-  batches: Iterator,
-  train_step,
-  eval_step,
-  eval_every,
-  checkpoints,
-  writer,
-  preemption,
-) -> ts.TrainState:
-  start, total = int(state.step), setup.total_steps
   pending: list[dict[str, jax.Array]] = []
   window_start, window_steps = time.perf_counter(), 0
   profile = _Profile(workdir, start, config.profile_steps)
