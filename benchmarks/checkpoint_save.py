@@ -41,11 +41,21 @@ def main() -> None:
     blocked = checkpoints.last_save_blocked_s
     checkpoints.wait()
     total = time.perf_counter() - start
-    print('RESULT ' + json.dumps({
-      'model': a.model, 'state_mb': round(size / 2**20, 1), 'save': step,
-      'blocked_s': round(blocked, 3), 'total_s': round(total, 3),
-      'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
-    }), flush=True)
+    print(
+      'RESULT '
+      + json.dumps(
+        {
+          'model': a.model,
+          'state_mb': round(size / 2**20, 1),
+          'save': step,
+          'blocked_s': round(blocked, 3),
+          'total_s': round(total, 3),
+          'device': jax.devices()[0].device_kind,
+          'jax': jax.__version__,
+        }
+      ),
+      flush=True,
+    )
   checkpoints.close()
 
 

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The whole GPU measurement of issue 7 in one bounded run, from the repo root:
 #
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh [throughput|profile]
 #
+# The `profile` plan (about 4 minutes) traces the ResNet-50 and ResNet-18 steps and
+# tries XLA flags; the default, `throughput`, is what follows.
 # Environment, the train step's correctness in bf16 (ResNet-50's loss on the fixed batch
 # falls and stays finite over the ~100 timed steps; float32 vs bf16 logits), then
 # benchmarks/train_throughput.py and torch_reference.py (through benchmarks/torch_memory.py,
 # which adds peak memory) on the same GPU, most important first: ResNet-50 bf16 256 with a
-# cold cache and again warm, torch on it, ResNet-18 bf16 256, torch on it, the precision
-# check, ResNet-50 float32, batch 512, and one XLA-flag variant. Every part runs under
+# cold cache, torch.compile on it, the same with the stem's max pool as strided slices,
+# ResNet-18 bf16 256 and torch on it, the full training loop (benchmarks/loop_throughput.py)
+# on ResNet-50, ResNet-50 again with a warm cache, the precision check, then extras
+# (ResNet-18 with slices, ResNet-50 at batch 512 and in float32). Every part runs under
 # `timeout` and the whole under BUDGET_S, so a hang costs that part only. RESULT lines go
 # to $OUT/results.jsonl, all output to $OUT/log.txt, and the comparison table is printed
 # last (and saved as $OUT/summary.txt).
@@ -19,9 +23,10 @@
 # torch_reference.py is looked for (see benchmarks/torch_memory.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PLAN=${1:-throughput}
 
 OUT=${OUT:-/tmp/gpu_check_out}
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-560}
 PY=${PYTHON:-python3}
 WHEELS_DIR=${WHEELS_DIR:-benchmarks/carry}
 mkdir -p "$OUT"
@@ -73,17 +78,51 @@ if ((${#wheels[@]})); then
   part wheels 60 "$PY" -m pip install -q --no-deps --no-index "${wheels[@]}"
 fi
 
-jax_run r50_bf16_b256_cold 180 --model resnet50 --batch 256 --dtype bf16
-jax_run r50_bf16_b256_warm 90 --model resnet50 --batch 256 --dtype bf16
-part torch_r50_b256 240 "$PY" -m benchmarks.torch_memory --model resnet50 --batch 256
-jax_run r18_bf16_b256_cold 120 --model resnet18 --batch 256 --dtype bf16
-part torch_r18_b256 180 "$PY" -m benchmarks.torch_memory --model resnet18 --batch 256
-part precision_r50 90 "$PY" -m benchmarks.precision_check --model resnet50 --batch 16
-jax_run r50_fp32_b256_cold 150 --model resnet50 --batch 256 --dtype fp32
-jax_run r50_bf16_b512_cold 150 --model resnet50 --batch 512 --dtype bf16
-# On one GPU there are few collectives to overlap; this measures whether it helps anyway.
-jax_run r50_bf16_b256_lhs 150 --model resnet50 --batch 256 --dtype bf16 \
-  --xla_flags=--xla_gpu_enable_latency_hiding_scheduler=true
+case $PLAN in
+throughput)
+  jax_run r50_bf16_b256_cold 150 --model resnet50 --batch 256 --dtype bf16
+  part torch_r50_b256 200 "$PY" -m benchmarks.torch_memory --model resnet50 --batch 256 \
+    --variants bf16_compiled
+  # The stem's max pool as nine strided slices: no select-and-scatter in the backward.
+  jax_run r50_bf16_b256_slices 120 --model resnet50 --batch 256 --dtype bf16 \
+    --model_override max_pool=slices
+  jax_run r18_bf16_b256_cold 100 --model resnet18 --batch 256 --dtype bf16
+  part torch_r18_b256 150 "$PY" -m benchmarks.torch_memory --model resnet18 --batch 256 \
+    --variants bf16_compiled
+  part loop_r50_bf16_b256 150 "$PY" -m benchmarks.loop_throughput --model resnet50 --batch 256 \
+    --dtype bf16 --steps 400 --compilation_cache_dir "$CACHE"
+  jax_run r50_bf16_b256_warm 60 --model resnet50 --batch 256 --dtype bf16
+  part precision_r50 60 "$PY" -m benchmarks.precision_check --model resnet50 --batch 16
+  jax_run r18_bf16_b256_slices 60 --model resnet18 --batch 256 --dtype bf16 \
+    --model_override max_pool=slices
+  jax_run r50_bf16_b512_cold 120 --model resnet50 --batch 512 --dtype bf16
+  jax_run r50_fp32_b256_cold 120 --model resnet50 --batch 256 --dtype fp32
+  ;;
+profile)
+  # Where the device time goes (benchmarks/step_profile.py), then XLA flags, each against
+  # the default step in the same run.
+  part profile_r50 90 "$PY" -m benchmarks.step_profile --model resnet50 --batch 256 \
+    --dtype bf16 --steps 5 --compilation_cache_dir "$CACHE"
+  part profile_r18 60 "$PY" -m benchmarks.step_profile --model resnet18 --batch 256 \
+    --dtype bf16 --steps 5 --compilation_cache_dir "$CACHE"
+  # Without CUDA graphs the fusions show up one by one instead of as command buffers.
+  part profile_r50_no_cuda_graphs 60 "$PY" -m benchmarks.step_profile --model resnet50 \
+    --batch 256 --dtype bf16 --steps 5 --compilation_cache_dir "$CACHE" \
+    --xla_flags=--xla_gpu_enable_command_buffer=
+  jax_run r50_bf16_b256 60 --model resnet50 --batch 256 --dtype bf16
+  jax_run r50_bf16_b256_no_cuda_graphs 60 --model resnet50 --batch 256 --dtype bf16 \
+    --xla_flags=--xla_gpu_enable_command_buffer=
+  jax_run r50_bf16_b256_lhs 60 --model resnet50 --batch 256 --dtype bf16 \
+    --xla_flags=--xla_gpu_enable_latency_hiding_scheduler=true
+  ;;
+*)
+  echo "error: unknown plan '$PLAN'; use throughput or profile" >&2
+  exit 2
+  ;;
+esac
 
 echo "=== comparison (${SECONDS}s in all; every row in $RESULTS)"
 "$PY" -m benchmarks.compare "$RESULTS" | tee "$OUT/summary.txt"
+if [[ $PLAN == profile ]]; then
+  grep -A34 'ms device time/step' "$LOG" | tee "$OUT/profile.txt"
+fi

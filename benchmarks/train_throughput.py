@@ -8,10 +8,12 @@ mesh, the input state donated. Prints one line `RESULT {json}`: images/s and ste
 (median of `--windows` timed windows of `--steps` steps after warm-up), compile time and
 whether it came from the persistent compilation cache, XLA's FLOPs and the model's with
 the TFLOP/s and MFU they give, device memory, the loss before and after, and versions.
+On GPUs XLA's FLOPs leave out cuDNN's convolutions (custom calls); use the model's.
 Imports no tensorflow, and no ml_collections where that is missing (the GPU machines).
 """
 
 import argparse
+import ast
 import itertools
 import json
 import os
@@ -92,10 +94,25 @@ def optimizer_config(batch: int, optimizer: str = 'sgd') -> Any:
   return config
 
 
-def build_model(name: str, dtype: str) -> models.ResNet:
+def build_model(name: str, dtype: str, overrides: dict[str, Any] | None = None) -> models.ResNet:
   """`name` in `dtype`, initialised as the ImageNet recipe does (configs/default.py)."""
   # Zero-init of each residual branch's last BN; it changes the start, not the cost.
-  return models.build_model(name, dtype=dtype, zero_init_last_bn=name.startswith('resnet'))
+  kwargs = {'zero_init_last_bn': name.startswith('resnet'), **(overrides or {})}
+  return models.build_model(name, dtype=dtype, **kwargs)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """`FIELD=VALUE` strings as model overrides; values are Python literals or strings."""
+  overrides = {}
+  for item in items:
+    field, sep, value = item.partition('=')
+    if not sep:
+      raise UserError(f'model override {item!r} is not FIELD=VALUE, e.g. max_pool=slices.')
+    try:
+      overrides[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[field] = value
+  return overrides
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -121,14 +138,12 @@ def enable_compilation_cache(path: str) -> str | None:
   return path
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-  """Compile, warm up and time the train step as `args` say; one result row."""
-  t_start = time.perf_counter()
+def prepare(args: argparse.Namespace) -> types.SimpleNamespace:
+  """The mesh, model, jitted train step, initial state and resident batches `args` ask for."""
   dtype = DTYPES[args.dtype]
   mesh = sharding.make_mesh()
   sharding.check_batch_divisible(args.batch, mesh, 'batch')
-  devices = list(mesh.devices.flat)
-  model = build_model(args.model, dtype)
+  model = build_model(args.model, dtype, args.model_overrides)
   shape = (args.image_size, args.image_size, args.channels)
   config = optimizer_config(args.batch, args.optimizer)
   total_steps = 1 + args.warmup + args.windows * args.steps
@@ -144,6 +159,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     )
   )
   jax.block_until_ready((state, batches))
+  return types.SimpleNamespace(
+    dtype=dtype, mesh=mesh, model=model, shape=shape, step_fn=step_fn, state=state, batches=batches
+  )
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+  """Compile, warm up and time the train step as `args` say; one result row."""
+  t_start = time.perf_counter()
+  run = prepare(args)
+  step_fn, state, batches = run.step_fn, run.state, run.batches
+  devices = list(run.mesh.devices.flat)
 
   cache_hits = []
   listener = lambda event, **_: cache_hits.append(event) if event == CACHE_HIT_EVENT else None
@@ -176,8 +202,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
   step_s = statistics.median(windows) / args.steps
   xla_flops = _xla_flops(compiled, len(devices))
-  model_flops = model_train_flops(model, shape) * args.batch
-  peak = peak_tflops(devices[0].device_kind, dtype)
+  model_flops = model_train_flops(run.model, run.shape) * args.batch
+  peak = peak_tflops(devices[0].device_kind, run.dtype)
   return {
     'who': 'resnet_jax',
     'label': args.label,
@@ -185,8 +211,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     'batch': args.batch,
     'per_device_batch': args.batch // len(devices),
     'image_size': args.image_size,
-    'dtype': dtype,
+    'dtype': run.dtype,
     'optimizer': args.optimizer,
+    'model_overrides': args.model_overrides,
     'steps': args.steps,
     'windows': args.windows,
     'img_per_s': round(args.batch / step_s, 1),
@@ -311,6 +338,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help='distinct resident batches, cycled (1, like torch_reference.py)',
   )
   p.add_argument('--optimizer', choices=optim.OPTIMIZERS, default='sgd')
+  p.add_argument(
+    '--model_override',
+    action='append',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='a models.ResNet field, e.g. max_pool=slices (repeatable)',
+  )
   p.add_argument('--seed', type=int, default=0)
   p.add_argument(
     '--compilation_cache_dir',
@@ -330,14 +364,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def configure_process(args: argparse.Namespace) -> None:
+  """`args.xla_flags` into $XLA_FLAGS and the compilation cache on, before jax starts."""
+  if args.xla_flags:
+    # XLA reads the flags when the backend starts, at the first device query.
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {args.xla_flags}'.strip()
+  args.cache_path = enable_compilation_cache(args.compilation_cache_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; prints the RESULT line and returns the exit code."""
   args = parse_args(argv)
-  if args.xla_flags:
-    # XLA reads the flags when the backend starts, at the first device query below.
-    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {args.xla_flags}'.strip()
-  args.cache_path = enable_compilation_cache(args.compilation_cache_dir)
+  configure_process(args)
   try:
+    args.model_overrides = parse_overrides(args.model_override)
     result = measure(args)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare, torch_memory
+from benchmarks import compare, step_profile, torch_memory
 from benchmarks import train_throughput as tt
+from resnet_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +168,7 @@ def test_compare_table_ratios_and_targets():
     peak_bytes_in_use=20 * 2**30,
     compile_s=50.0,
     cache_hit=False,
-    mfu=0.2,
+    model_mfu=0.2,
     loss_first=7.0,
     loss_last=6.0,
     finite=True,
@@ -187,3 +188,72 @@ def test_compare_table_ratios_and_targets():
   line = text.splitlines()[1].split()
   assert line[4:7] == ['7500', '5000', '1.50'] and line[8:11] == ['20.00', '25.00', '0.80']
   assert line[-1] == 'met' and '7.00->6.00 ok' in text
+
+
+def test_parse_overrides_literals_strings_and_errors():
+  assert tt.parse_overrides(['max_pool=slices', 'stage_sizes=(1, 1)', 'residual=False']) == {
+    'max_pool': 'slices',
+    'stage_sizes': (1, 1),
+    'residual': False,
+  }
+  with pytest.raises(UserError, match='FIELD=VALUE'):
+    tt.parse_overrides(['max_pool'])
+
+
+def test_full_loop_benchmark_reports_its_windows_beside_the_harness():
+  # The real train_and_evaluate on two devices: windows of 2 steps, a checkpoint, an eval.
+  args = ['--model', 'cifar_resnet20', '--batch', '8', '--image_size', '16', '--dtype', 'fp32']
+  proc = _run_python(
+    f"""
+      import sys
+      from benchmarks import loop_throughput, train_throughput
+      args = {args!r}
+      assert train_throughput.main(args + ['--steps', '2', '--windows', '2', '--warmup', '1',
+                                           '--compilation_cache_dir', '']) == 0
+      sys.exit(loop_throughput.main(args + ['--steps', '6', '--log_every', '2',
+                                            '--checkpoint_every', '4',
+                                            '--compilation_cache_dir', '']))
+      """,
+    devices=2,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  harness, loop = _results(proc.stdout)
+  assert loop['who'] == 'resnet_jax_loop' and len(loop['img_per_s_windows']) == 3
+  assert loop['img_per_s'] > 0 and 0 <= loop['eval_top1'] <= 1
+  text = compare.table([harness, loop])
+  ratio = loop['img_per_s'] / harness['img_per_s']
+  assert f'full loop cifar_resnet20 batch 8 float32: {loop["img_per_s"]:.0f} img/s' in text
+  assert f'ratio {ratio:.3f}' in text
+
+
+@pytest.mark.parametrize(
+  'hlo_op, kind',
+  [
+    ('cudnn-conv-bw-filter.12', 'convolution'),
+    ('input_reduce_select_fusion.3', 'reduction fusion'),
+    ('input_scatter_fusion', 'max pool'),
+    ('loop_reduce_window_fusion', 'max pool'),
+    ('loop_maximum_fusion.7', 'elementwise fusion'),
+    ('command_buffer_935', 'other'),
+  ],
+)
+def test_step_profile_kinds(hlo_op, kind):
+  assert step_profile.op_kind(hlo_op) == kind
+
+
+def test_step_profile_traces_the_step_and_sums_per_op():
+  proc = _run_python(
+    """
+      import sys
+      from benchmarks import step_profile
+      sys.exit(step_profile.main(['--model', 'cifar_resnet20', '--batch', '8', '--image_size',
+                                  '16', '--dtype', 'fp32', '--steps', '2', '--top', '5',
+                                  '--compilation_cache_dir', '']))
+      """
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = _results(proc.stdout)
+  assert row['who'] == 'step_profile' and len(row['top_ops']) == 5
+  assert row['device_ms_per_step'] > 0
+  assert sum(row['kinds'].values()) == pytest.approx(row['device_ms_per_step'], rel=1e-3)
+  assert 'ms device time/step' in proc.stdout
