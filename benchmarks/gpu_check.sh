@@ -9,17 +9,16 @@
 # falls and stays finite over the ~100 timed steps; float32 vs bf16 logits), then
 # benchmarks/train_throughput.py and torch_reference.py (through benchmarks/torch_memory.py,
 # which adds peak memory) on the same GPU, most important first: ResNet-50 bf16 256 with a
-# cold cache, torch.compile on it, the same with the stem's max pool as strided slices,
-# ResNet-18 bf16 256 and torch on it, the full training loop (benchmarks/loop_throughput.py)
-# on ResNet-50, ResNet-50 again with a warm cache, the precision check, then extras
-# (ResNet-18 with slices, ResNet-50 at batch 512 and in float32). Every part runs under
+# cold cache, torch.compile on it, ResNet-18 bf16 256 and torch on it, the full training
+# loop (benchmarks/loop_throughput.py) on ResNet-50, ResNet-50 again with a warm cache,
+# the precision check, then ResNet-50 at batch 512 and in float32. Every part runs under
 # `timeout` and the whole under BUDGET_S, so a hang costs that part only. RESULT lines go
 # to $OUT/results.jsonl, all output to $OUT/log.txt, and the comparison table is printed
 # last (and saved as $OUT/summary.txt).
 #
-# Optional: wheels (e.g. ml_collections, absent on the GPU machines) in $WHEELS_DIR
-# (default benchmarks/carry) are installed with --no-deps first; without one the harness
-# builds its config without ml_collections. $TORCH_REFERENCE overrides where
+# Wheels in $WHEELS_DIR (default benchmarks/carry) are installed with --no-deps first:
+# put ml_collections's there (absent on the GPU machines); the full-loop part needs it,
+# the harness does without. $TORCH_REFERENCE overrides where
 # torch_reference.py is looked for (see benchmarks/torch_memory.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,9 +82,6 @@ throughput)
   jax_run r50_bf16_b256_cold 150 --model resnet50 --batch 256 --dtype bf16
   part torch_r50_b256 200 "$PY" -m benchmarks.torch_memory --model resnet50 --batch 256 \
     --variants bf16_compiled
-  # The stem's max pool as nine strided slices: no select-and-scatter in the backward.
-  jax_run r50_bf16_b256_slices 120 --model resnet50 --batch 256 --dtype bf16 \
-    --model_override max_pool=slices
   jax_run r18_bf16_b256_cold 100 --model resnet18 --batch 256 --dtype bf16
   part torch_r18_b256 150 "$PY" -m benchmarks.torch_memory --model resnet18 --batch 256 \
     --variants bf16_compiled
@@ -93,8 +89,6 @@ throughput)
     --dtype bf16 --steps 400 --compilation_cache_dir "$CACHE"
   jax_run r50_bf16_b256_warm 60 --model resnet50 --batch 256 --dtype bf16
   part precision_r50 60 "$PY" -m benchmarks.precision_check --model resnet50 --batch 16
-  jax_run r18_bf16_b256_slices 60 --model resnet18 --batch 256 --dtype bf16 \
-    --model_override max_pool=slices
   jax_run r50_bf16_b512_cold 120 --model resnet50 --batch 512 --dtype bf16
   jax_run r50_fp32_b256_cold 120 --model resnet50 --batch 256 --dtype fp32
   ;;

@@ -107,7 +107,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
   for item in items:
     field, sep, value = item.partition('=')
     if not sep:
-      raise UserError(f'model override {item!r} is not FIELD=VALUE, e.g. max_pool=slices.')
+      raise UserError(f'model override {item!r} is not FIELD=VALUE, e.g. shortcut=A.')
     try:
       overrides[field] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -343,7 +343,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     action='append',
     default=[],
     metavar='FIELD=VALUE',
-    help='a models.ResNet field, e.g. max_pool=slices (repeatable)',
+    help='a models.ResNet field, e.g. shortcut=A (repeatable)',
   )
   p.add_argument('--seed', type=int, default=0)
   p.add_argument(

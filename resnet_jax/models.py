@@ -166,32 +166,6 @@ BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
 STEMS = ('imagenet', 'cifar')
 SHORTCUTS = ('A', 'B', 'C')
 STRIDE_PLACEMENTS = ('v1', 'v1.5')
-MAX_POOLS = ('reduce_window', 'slices')
-
-
-def max_pool_slices(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
-  """NHWC max pool as the elementwise max of `window`**2 strided slices.
-
-  The same values as `nn.max_pool(x, (window,) * 2, (stride,) * 2, padding=pad)`, but its
-  gradient is elementwise `max` gradients instead of XLA's select-and-scatter, which
-  is slow on GPUs and CPUs. Where several inputs of a window tie for the max, the
-  gradient is shared between them rather than given to one (still a valid subgradient;
-  in the stem the ties are ReLU zeros, whose gradient the ReLU stops anyway).
-  """
-  n, h, w, c = x.shape
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
-  out_h, out_w = (h + 2 * pad - window) // stride + 1, (w + 2 * pad - window) // stride + 1
-  views = (
-    jax.lax.slice(
-      padded,
-      (0, dy, dx, 0),
-      (n, dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1, c),
-      (1, stride, stride, 1),
-    )
-    for dy in range(window)
-    for dx in range(window)
-  )
-  return functools.reduce(jnp.maximum, views)
 
 
 class ResNet(nn.Module):
@@ -217,7 +191,6 @@ class ResNet(nn.Module):
   bn_momentum: float = BN_MOMENTUM
   bn_epsilon: float = BN_EPSILON
   bn_group_size: int = 0  # 0: statistics over the whole (global) batch
-  max_pool: str = 'reduce_window'  # the stem's pool: 'reduce_window' | 'slices' (same values)
 
   def __post_init__(self):
     _check_choice('block', self.block, BLOCKS)
@@ -225,7 +198,6 @@ class ResNet(nn.Module):
     _check_choice('shortcut', self.shortcut, SHORTCUTS)
     _check_choice('stride_placement', self.stride_placement, STRIDE_PLACEMENTS)
     _check_choice('kernel_init', self.kernel_init, KERNEL_INITS)
-    _check_choice('max_pool', self.max_pool, MAX_POOLS)
     if len(self.stage_sizes) != len(self.stage_widths):
       raise UserError(
         f'stage_sizes {tuple(self.stage_sizes)} and stage_widths '
@@ -247,10 +219,7 @@ class ResNet(nn.Module):
     if self.stem == 'imagenet':
       x = conv(self.stem_width, (7, 7), (2, 2), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
-      if self.max_pool == 'slices':
-        x = max_pool_slices(x)
-      else:
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(self.stem_width, (3, 3), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))

@@ -191,13 +191,13 @@ def test_compare_table_ratios_and_targets():
 
 
 def test_parse_overrides_literals_strings_and_errors():
-  assert tt.parse_overrides(['max_pool=slices', 'stage_sizes=(1, 1)', 'residual=False']) == {
-    'max_pool': 'slices',
+  assert tt.parse_overrides(['shortcut=A', 'stage_sizes=(1, 1)', 'residual=False']) == {
+    'shortcut': 'A',
     'stage_sizes': (1, 1),
     'residual': False,
   }
   with pytest.raises(UserError, match='FIELD=VALUE'):
-    tt.parse_overrides(['max_pool'])
+    tt.parse_overrides(['shortcut'])
 
 
 def test_full_loop_benchmark_reports_its_windows_beside_the_harness():

@@ -204,34 +204,6 @@ def test_group_batch_norm_in_a_model_under_jit():
   assert logits.shape == (8, 10)
 
 
-@pytest.mark.parametrize('size', [7, 8, 112])
-def test_slice_max_pool_equals_reduce_window_with_gradient(size):
-  x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
-  reference = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-  np.testing.assert_array_equal(models.max_pool_slices(x), reference(x))
-  # Random normals have no ties, so both gradients route each cotangent to one input.
-  cotangent = jax.random.normal(jax.random.key(1), reference(x).shape)
-  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cotangent))(x)
-  np.testing.assert_allclose(grad(models.max_pool_slices), grad(reference), atol=1e-6)
-
-
-def test_slice_max_pool_model_has_the_same_logits_and_gradients():
-  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-  pooled = {p: models.build_model('resnet18', max_pool=p) for p in models.MAX_POOLS}
-  variables = pooled['reduce_window'].init(jax.random.key(1), x, train=False)
-
-  def loss_and_grad(model):
-    loss = lambda params: jnp.sum(
-      model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])[0] ** 2
-    )
-    return jax.value_and_grad(loss)(variables['params'])
-
-  (loss_a, grad_a), (loss_b, grad_b) = map(loss_and_grad, pooled.values())
-  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
-  flat = lambda tree: jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
-  np.testing.assert_allclose(flat(grad_a), flat(grad_b), rtol=1e-4, atol=1e-6)
-
-
 def test_unknown_names_and_fields_are_one_line_errors():
   with pytest.raises(UserError, match='unknown model .resnet51.*known models: resnet18'):
     models.build_model('resnet51')
