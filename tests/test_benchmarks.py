@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare, step_profile, torch_memory
+from benchmarks import bn_stats, compare, step_profile, torch_memory
 from benchmarks import train_throughput as tt
+from resnet_jax import models
 from resnet_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,3 +258,21 @@ def test_step_profile_traces_the_step_and_sums_per_op():
   assert row['device_ms_per_step'] > 0
   assert sum(row['kinds'].values()) == pytest.approx(row['device_ms_per_step'], rel=1e-3)
   assert 'ms device time/step' in proc.stdout
+
+
+def test_bn_stats_finds_every_bn_and_its_ways_agree(capsys):
+  # ResNet-50: the stem's BN, 3 per bottleneck block (16 blocks), 4 projection shortcuts.
+  shapes = bn_stats.bn_input_shapes(models.build_model('resnet50'), (224, 224, 3), 2)
+  assert len(shapes) == 53 and shapes[0] == (2, 112, 112, 64)
+  args = ['--model', 'cifar_resnet20', '--batch', '2', '--image_size', '8']
+  assert bn_stats.main(args + ['--dtype', 'fp32', '--windows', '1', '--reps', '1']) == 0
+  rows = _results(capsys.readouterr().out)
+  assert [r['way'] for r in rows] == [
+    'read_ceiling',
+    'flax',
+    'spatial_first',
+    'blocked256',
+    'blocked2048',
+    'blocked16384',
+  ]
+  assert rows[0]['bn_layers'] == 19 and all(r['max_rel_diff'] < 1e-5 for r in rows[1:])
