@@ -13,7 +13,6 @@ warm-up, as the harness leaves out its warm-up steps. Needs ml_collections (conf
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ def loop_config(args: argparse.Namespace) -> Any:
   c = default.get_config()
   c.model = args.model
   c.model_overrides.zero_init_last_bn = args.model.startswith('resnet')  # as the harness
-  for field, value in tt.parse_overrides(args.model_override).items():
+  for field, value in args.model_overrides.items():
     setattr(c.model_overrides, field, value)
   c.dataset = 'synthetic'
   c.image_size = args.image_size
@@ -66,7 +65,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     'batch': args.batch,
     'image_size': args.image_size,
     'dtype': config.dtype,
-    'model_overrides': tt.parse_overrides(args.model_override),
+    'model_overrides': args.model_overrides,
     'steps': args.steps,
     'log_every': args.log_every,
     'checkpoint_every': args.checkpoint_every,
@@ -95,19 +94,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--label', default='')
   args = p.parse_args(argv)
   args.image_size = args.image_size or tt.parse_args(['--model', args.model]).image_size
+  try:
+    args.model_overrides = tt.parse_overrides(args.model_override)
+  except UserError as e:
+    p.error(str(e))
   return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; prints the RESULT line and returns the exit code."""
-  args = parse_args(argv)
-  try:
-    result = measure(args)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print('RESULT ' + json.dumps(result), flush=True)
-  return 0
+  return tt.report(lambda: measure(parse_args(argv)))
 
 
 if __name__ == '__main__':

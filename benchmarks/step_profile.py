@@ -14,7 +14,6 @@ events are its kernels; on CPU, XLA's thunks. `--keep_trace DIR` keeps the raw t
 import argparse
 import collections
 import glob
-import json
 import re
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from resnet_jax.errors import UserError
 # The kind of an HLO op by its name; first match wins. cuDNN convolutions are custom calls
 # named after their target; XLA's fusions are named after their root and fusion kind.
 KINDS: tuple[tuple[str, str], ...] = (
-  ('convolution', r'conv|cudnn'),
+  ('convolution', r'cudnn|convolution'),
   ('gemm', r'gemm|dot|cublas'),
   ('max pool', r'select-and-scatter|reduce.window|scatter'),
   ('reduction fusion', r'reduce|reduction'),
@@ -131,15 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = tt.parse_args(rest)
   args.top, args.keep_trace = own.top, own.keep_trace
   tt.configure_process(args)
-  try:
-    args.model_overrides = tt.parse_overrides(args.model_override)
-    row = profile(args)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(table(row))
-  print('RESULT ' + json.dumps(row), flush=True)
-  return 0
+  return tt.report(lambda: profile(args), show=table)
 
 
 if __name__ == '__main__':

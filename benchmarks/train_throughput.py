@@ -23,7 +23,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -361,6 +361,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args.channels = args.channels or default_channels
   if min(args.steps, args.windows, args.num_batches) < 1 or args.warmup < 0:
     p.error('--steps, --windows and --num_batches must be >= 1, --warmup >= 0')
+  try:
+    args.model_overrides = parse_overrides(args.model_override)
+  except UserError as e:
+    p.error(str(e))
   return args
 
 
@@ -372,18 +376,25 @@ def configure_process(args: argparse.Namespace) -> None:
   args.cache_path = enable_compilation_cache(args.compilation_cache_dir)
 
 
+def report(measure_row: Callable[[], dict[str, Any]], show: Callable | None = None) -> int:
+  """Print `measure_row()` as a RESULT line (after `show(row)`, if given) and return 0, or
+  a UserError it raises as one `error:` line and return 2."""
+  try:
+    row = measure_row()
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if show:
+    print(show(row))
+  print('RESULT ' + json.dumps(row), flush=True)
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; prints the RESULT line and returns the exit code."""
   args = parse_args(argv)
   configure_process(args)
-  try:
-    args.model_overrides = parse_overrides(args.model_override)
-    result = measure(args)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print('RESULT ' + json.dumps(result), flush=True)
-  return 0
+  return report(lambda: measure(args))
 
 
 if __name__ == '__main__':

@@ -34,71 +34,17 @@ KERNEL_INITS = {
 }
 
 
-def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Float32 mean and (biased) variance over axis 1 of [groups, rows, channels]."""
-  xf = x.astype(jnp.float32)
-  mean = xf.mean(axis=1, keepdims=True)
-  return mean, jnp.maximum((xf * xf).mean(axis=1, keepdims=True) - mean * mean, 0.0)
+class GroupBatchNorm(nn.Module):
+  """BatchNorm whose training statistics come from groups of `group_size` examples.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(
-  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """BatchNorm of `x` [groups, rows, channels] with each group's own statistics.
-
-  Returns (y in `dtype`, mean, var), the statistics float32 [groups, 1, channels]. The
-  same function as flax's BatchNorm, but the backward pass recomputes the normalised
-  input from `x` as it came (bf16 in mixed precision) instead of keeping autodiff's
-  float32 residuals, so both passes move fewer bytes.
-  """
-  return _batch_norm_fwd(x, scale, bias, epsilon, dtype)[0]
-
-
-def _batch_norm_fwd(x, scale, bias, epsilon, dtype):
-  mean, var = _moments(x)
-  inv = jax.lax.rsqrt(var + epsilon)
-  y = (x.astype(jnp.float32) - mean) * (inv * scale) + bias
-  return (y.astype(dtype), mean, var), (x, scale, mean, inv)
-
-
-def _batch_norm_bwd(epsilon, dtype, residuals, cotangents):
-  del epsilon, dtype
-  x, scale, mean, inv = residuals
-  dy, dmean, dvar = cotangents
-  rows = x.shape[1]
-  centered = x.astype(jnp.float32) - mean
-  x_hat = centered * inv
-  dy = dy.astype(jnp.float32)
-  dbias_g = dy.sum(axis=1, keepdims=True)
-  dscale_g = (dy * x_hat).sum(axis=1, keepdims=True)
-  dx = (scale * inv) * (dy - dbias_g / rows - x_hat * (dscale_g / rows))
-  # The statistics are outputs too (for the running averages); their cotangents are
-  # zero in training, but the gradient stays exact for any use.
-  dx = dx + dmean / rows + dvar * (2.0 / rows) * centered
-  dscale, dbias = dscale_g.sum(axis=(0, 1)), dbias_g.sum(axis=(0, 1))
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
-
-
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
-
-
-class BatchNorm(nn.Module):
-  """BatchNorm over the batch, or over groups of `group_size` examples, with a lean VJP.
-
-  Parameters and statistics are flax.linen.BatchNorm's (`scale`, `bias`; batch_stats
-  `mean`, `var`, float32), so checkpoints of either load into the other. Training
-  normalises with batch statistics through `batch_norm_train`, whose backward pass
-  saves only the input as it came (see there).
-
-  `group_size` > 0 gives MLPerf-style "BN groups": each group of consecutive examples
-  is normalised with its own mean and variance (as if each small group were on its own
-  device), which keeps the regulariser of small per-device batches when the global batch
-  is large; the running averages track the mean over groups. Works under plain
-  `jax.jit`: the grouping is a reshape of the (sharded) batch axis.
+  MLPerf-style "BN groups": each group of consecutive examples is normalised with its
+  own mean and variance (as if each small group were on its own device), which keeps
+  the regulariser of small per-device batches when the global batch is large. The
+  running averages track the mean over groups. Works under plain `jax.jit`: the
+  grouping is a reshape of the (sharded) batch axis.
   """
 
-  group_size: int = 0  # 0: statistics over the whole (global) batch
+  group_size: int
   use_running_average: bool = False
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPSILON
@@ -115,24 +61,24 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     if self.use_running_average:
-      inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
-      y = (x.astype(jnp.float32) - ra_mean.value) * (inv * scale) + bias
-      return y.astype(self.dtype)
-    batch = x.shape[0]
-    if self.group_size and batch % self.group_size:
-      raise UserError(
-        f'bn_group_size={self.group_size} does not divide the batch of '
-        f'{batch}; choose a divisor of the per-device batch.'
-      )
-    groups = batch // self.group_size if self.group_size else 1
-    y, mean, var = batch_norm_train(
-      x.reshape(groups, -1, features), scale, bias, self.epsilon, self.dtype
-    )
-    if not self.is_initializing():
-      m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(axis=(0, 1))
-      ra_var.value = m * ra_var.value + (1 - m) * var.mean(axis=(0, 1))
-    return y.reshape(x.shape)
+      mean, var = ra_mean.value, ra_var.value
+      y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+    else:
+      batch = x.shape[0]
+      if batch % self.group_size:
+        raise UserError(
+          f'bn_group_size={self.group_size} does not divide the batch of '
+          f'{batch}; choose a divisor of the per-device batch.'
+        )
+      xg = x.astype(jnp.float32).reshape(batch // self.group_size, -1, features)
+      mean = xg.mean(axis=1, keepdims=True)
+      var = jnp.maximum((xg * xg).mean(axis=1, keepdims=True) - mean * mean, 0.0)
+      y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(axis=(0, 1))
+        ra_var.value = m * ra_var.value + (1 - m) * var.mean(axis=(0, 1))
+    return (y * scale + bias).astype(self.dtype)
 
 
 def _shortcut(
@@ -220,7 +166,6 @@ BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
 STEMS = ('imagenet', 'cifar')
 SHORTCUTS = ('A', 'B', 'C')
 STRIDE_PLACEMENTS = ('v1', 'v1.5')
-BN_IMPLS = ('flax', 'lean')
 
 
 class ResNet(nn.Module):
@@ -246,7 +191,6 @@ class ResNet(nn.Module):
   bn_momentum: float = BN_MOMENTUM
   bn_epsilon: float = BN_EPSILON
   bn_group_size: int = 0  # 0: statistics over the whole (global) batch
-  bn_impl: str = 'flax'  # 'flax': flax.linen.BatchNorm; 'lean': BatchNorm above (same function)
 
   def __post_init__(self):
     _check_choice('block', self.block, BLOCKS)
@@ -254,7 +198,6 @@ class ResNet(nn.Module):
     _check_choice('shortcut', self.shortcut, SHORTCUTS)
     _check_choice('stride_placement', self.stride_placement, STRIDE_PLACEMENTS)
     _check_choice('kernel_init', self.kernel_init, KERNEL_INITS)
-    _check_choice('bn_impl', self.bn_impl, BN_IMPLS)
     if len(self.stage_sizes) != len(self.stage_widths):
       raise UserError(
         f'stage_sizes {tuple(self.stage_sizes)} and stage_widths '
@@ -310,8 +253,8 @@ class ResNet(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )
-    if self.bn_group_size or self.bn_impl == 'lean':
-      return functools.partial(BatchNorm, group_size=self.bn_group_size, **common)
+    if self.bn_group_size:
+      return functools.partial(GroupBatchNorm, group_size=self.bn_group_size, **common)
     return functools.partial(nn.BatchNorm, **common)
 
 

@@ -235,6 +235,7 @@ def test_full_loop_benchmark_reports_its_windows_beside_the_harness():
     ('input_scatter_fusion', 'max pool'),
     ('loop_reduce_window_fusion', 'max pool'),
     ('loop_maximum_fusion.7', 'elementwise fusion'),
+    ('loop_convert_fusion', 'elementwise fusion'),
     ('command_buffer_935', 'other'),
   ],
 )
