@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--model', default='resnet50')
   p.add_argument('--batch', type=int, default=256)
-  p.add_argument('--image_size', type=int, default=224)
+  p.add_argument('--image_size', type=int, default=None, help='default: models.default_input')
   p.add_argument('--dtype', choices=sorted(tt.DTYPES), default='bf16')
   p.add_argument('--blocks', default='256,2048,16384', help='rows per block, per blocked way')
   p.add_argument('--windows', type=int, default=5)
@@ -103,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   for block in map(int, a.blocks.split(',')):
     ways[f'blocked{block}'] = lambda x, block=block: blocked_stats(x, block)
   dtype = jnp.dtype(tt.DTYPES[a.dtype])
-  shapes = bn_input_shapes(models.build_model(a.model), (a.image_size, a.image_size, 3), a.batch)
+  size, channels = models.default_input(a.model)
+  size = a.image_size or size
+  shapes = bn_input_shapes(models.build_model(a.model), (size, size, channels), a.batch)
   keys = jax.random.split(jax.random.key(0), len(shapes))
   # Means and spreads like a conv's output: the mean-square trick must cope with mean**2.
   xs = [(1.0 + jax.random.normal(k, s)).astype(dtype) for k, s in zip(keys, shapes, strict=True)]

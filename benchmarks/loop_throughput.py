@@ -23,15 +23,13 @@ import jax
 
 from benchmarks import train_throughput as tt
 from configs import default
-from resnet_jax import metric_logging, train
+from resnet_jax import metric_logging, models, train
 from resnet_jax.errors import UserError
 
 
 def loop_config(args: argparse.Namespace) -> Any:
   """configs/default.py on synthetic data, sized and timed as `args` say."""
-  c = default.get_config()
-  c.model = args.model
-  c.model_overrides.zero_init_last_bn = args.model.startswith('resnet')  # as the harness
+  c = default.imagenet(args.model)  # its zero-init of the last BN, as the harness
   for field, value in args.model_overrides.items():
     setattr(c.model_overrides, field, value)
   c.dataset = 'synthetic'
@@ -80,7 +78,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  """Command-line arguments; the image size defaults per model as in train_throughput."""
+  """Command-line arguments; the image size defaults per model (models.default_input)."""
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--model', default='resnet50')
   p.add_argument('--batch', type=int, default=256, help='global batch, over all devices')
@@ -93,7 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--compilation_cache_dir', default='~/.cache/resnet_jax/xla')
   p.add_argument('--label', default='')
   args = p.parse_args(argv)
-  args.image_size = args.image_size or tt.parse_args(['--model', args.model]).image_size
+  args.image_size = args.image_size or models.default_input(args.model)[0]
   try:
     args.model_overrides = tt.parse_overrides(args.model_override)
   except UserError as e:

@@ -13,6 +13,7 @@ events are its kernels; on CPU, XLA's thunks. `--keep_trace DIR` keeps the raw t
 
 import argparse
 import collections
+import contextlib
 import glob
 import re
 import sys
@@ -86,15 +87,21 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
   for _ in range(1 + args.warmup):
     state, _ = run.step_fn(state, batch)
   jax.block_until_ready(state)
-  trace_dir = args.keep_trace or tempfile.mkdtemp(prefix='step_profile_')
-  with jax.profiler.trace(trace_dir):
-    for _ in range(args.steps):
-      state, _ = run.step_fn(state, batch)
-    jax.block_until_ready(state)
-  paths = sorted(glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True))
-  if not paths:
-    raise UserError(f'jax.profiler wrote no .xplane.pb under {trace_dir}.')
-  row = summarize(device_events(paths[-1]), args.steps, args.top)
+  # Without --keep_trace the trace lives in a temporary directory, removed once read.
+  trace_dir_context = (
+    contextlib.nullcontext(args.keep_trace)
+    if args.keep_trace
+    else tempfile.TemporaryDirectory(prefix='step_profile_')
+  )
+  with trace_dir_context as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(args.steps):
+        state, _ = run.step_fn(state, batch)
+      jax.block_until_ready(state)
+    paths = sorted(glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True))
+    if not paths:
+      raise UserError(f'jax.profiler wrote no .xplane.pb under {trace_dir}.')
+    row = summarize(device_events(paths[-1]), args.steps, args.top)
   device = run.mesh.devices.flat[0]
   return {
     'who': 'step_profile',

@@ -354,9 +354,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--xla_flags', default='', help='appended to $XLA_FLAGS for this run only')
   p.add_argument('--label', default='', help='copied into the result row')
   args = p.parse_args(argv)
-  default_size, default_channels = {'cifar': (32, 3), 'mnist': (28, 1)}.get(
-    args.model.split('_')[0], (224, 3)
-  )
+  default_size, default_channels = models.default_input(args.model)
   args.image_size = args.image_size or default_size
   args.channels = args.channels or default_channels
   if min(args.steps, args.windows, args.num_batches) < 1 or args.warmup < 0:

@@ -339,6 +339,12 @@ def model_kwargs(name: str, overrides: Mapping[str, Any] | None = None) -> dict[
   return kwargs
 
 
+def default_input(name: str) -> tuple[int, int]:
+  """(image size, channels) that architecture `name` is made for: 32x32x3 for the CIFAR
+  nets, 28x28x1 for the MNIST ones, else ImageNet's 224x224x3."""
+  return {'cifar': (32, 3), 'mnist': (28, 1)}.get(name.split('_')[0], (224, 3))
+
+
 def build_model(name: str, **overrides: Any) -> ResNet:
   """The architecture `name` from ARCHITECTURES, with any ResNet field overridden."""
   return ResNet(**model_kwargs(name, overrides))

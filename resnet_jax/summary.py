@@ -109,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  default_size, default_channels = {'cifar': (32, 3), 'mnist': (28, 1)}.get(
-    a.name.split('_')[0], (224, 3)
-  )
+  default_size, default_channels = models.default_input(a.name)
   shape = (
     a.image_size or default_size,
     a.image_size or default_size,
