@@ -9,15 +9,17 @@ processes (a multi-host TPU slice, a GPU cluster), each process runs this same c
 see README.md "Running on many devices".
 """
 
+import contextlib
 import logging
 import os
 import sys
+from typing import Any
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import CheckpointWriteError, UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -26,6 +28,12 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and resume), or evaluate only.')
 flags.DEFINE_integer('checkpoint_step', None, 'With --mode=eval: the step to evaluate.')
+flags.DEFINE_list(
+  'allow_config_change',
+  [],
+  'Config fields that may differ from WORKDIR/config.json on a restart, e.g. '
+  'num_train_steps,lr_boundaries for a longer schedule (see README "Outputs and resuming").',
+)
 flags.DEFINE_enum(
   'distributed',
   'auto',
@@ -78,18 +86,67 @@ def _init_jax() -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def _quiet_tensorflow() -> None:
+  """Import tensorflow (if installed) with its C++ start-up notices sent to /dev/null.
+
+  TF prints them straight to file descriptor 2 on import, ignoring TF_CPP_MIN_LOG_LEVEL,
+  ahead of every line of ours (errors included); its later logging obeys the variable.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'w') as devnull:
+      os.dup2(devnull.fileno(), 2)
+      with contextlib.suppress(ImportError):
+        import tensorflow  # noqa: F401
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _drop_orbax_unraisable(unraisable: Any) -> None:
+  """sys.unraisablehook without the thousands of 'Exception ignored in <coroutine ...>'
+  reports that orbax's abandoned read/write coroutines leave behind a damaged checkpoint
+  or a failed save; our own one-line report says what happened."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  if code is not None and 'orbax' in code.co_filename:
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+class _OwnLinesOnly(logging.Filter):
+  """Console: our own log lines, and the libraries' only from ERROR (orbax warns a lot)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.name.startswith('resnet_jax') or record.levelno >= logging.ERROR
+
+
 def run(_) -> None:
-  # Our own progress at INFO; the libraries' (orbax, jax, absl) chatter only from WARNING.
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().addFilter(_OwnLinesOnly())
   logging.getLogger('resnet_jax').setLevel(logging.INFO)
   _init_jax()
   from resnet_jax import train  # after jax.distributed: it must come before any jax use
 
   if FLAGS.mode == 'eval':
-    metrics = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint_step)
-    print(' '.join(f'{k}={v:.6g}' for k, v in metrics.items()))
+    metrics = train.evaluate_checkpoint(
+      FLAGS.config,
+      FLAGS.workdir,
+      FLAGS.checkpoint_step,
+      allow_config_change=FLAGS.allow_config_change,
+    )
+    print(' '.join(f'{k}={_number(v)}' for k, v in metrics.items()))
   else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.checkpoint_step is not None:
+      raise UserError('--checkpoint_step is for --mode=eval; training resumes from the latest.')
+    train.train_and_evaluate(
+      FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
+    )
+
+
+def _number(v: float) -> str:
+  return str(int(v)) if float(v).is_integer() else f'{v:.6g}'
 
 
 def _fail(message: str) -> None:
@@ -100,9 +157,18 @@ def _fail(message: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag or config override reported in one line."""
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    FLAGS.config.model  # noqa: B018 - a config file that failed to load raises here
+    return rest
   except flags.Error as e:
     _fail(f'{e}; see `python main.py --helpfull`.')
+  except SyntaxError as e:
+    _fail(f'{e.filename}:{e.lineno}: {e.msg}; fix the config file.')
+  except OSError as e:
+    given = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')][-1]
+    path = given.split(':')[0]
+    cause = 'no such file' if not os.path.isfile(path) else ' '.join(str(e.__cause__ or e).split())
+    _fail(f'cannot load --config={given} ({cause}); give a file such as configs/smoke.py.')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections rejects a misspelt --config.FIELD with "Did you mean ...", in a
     # repr with escaped quotes and newlines.
@@ -111,8 +177,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+  _quiet_tensorflow()
+  sys.unraisablehook = _drop_orbax_unraisable
   try:
     app.run(run, flags_parser=_parse_flags)
+  except CheckpointWriteError as e:
+    # The failed save's orbax threads never finish and would hold the exit forever.
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    os._exit(2)
   except UserError as e:
     _fail(str(e))
 

@@ -1,15 +1,22 @@
-"""Checkpoints in WORKDIR/checkpoints with orbax: async, atomic, self-healing.
+"""Checkpoints in WORKDIR/checkpoints with orbax: async, atomic, verified, self-healing.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 kill mid-save leaves the previous checkpoints untouched (the leftover is cleaned up at
-the next start). A checkpoint that is complete on disk but damaged later (truncated or
-deleted files) fails to restore; it is moved aside to WORKDIR/checkpoints_damaged and
-the next older one is used, so the workdir never becomes unusable.
+the next start). Each save also records a fingerprint of every array of the state (in the
+checkpoint's own metadata); a restore recomputes it, so a checkpoint whose bytes changed
+after it was written (a flipped bit, garbage, truncated or deleted files) is known to be
+damaged. A damaged checkpoint is moved aside to WORKDIR/checkpoints_damaged and the next
+older one is used. Three things are never called damage and never move a file:
+- a checkpoint that is intact but holds another state (another model or optimizer: the
+  workdir belongs to another config): a UserError naming the first mismatch;
+- every checkpoint unreadable: a UserError, with everything left where it is;
+- a read-only manager (evaluation): it falls back without moving anything.
 
 The train state is all there is to restore: the data pipeline is a function of
 (seed, step), and training draws no other randomness.
 """
 
+import errno
 import logging
 import os
 import shutil
@@ -17,11 +24,77 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from resnet_jax.errors import CheckpointWriteError, UserError
+
 log = logging.getLogger(__name__)
+
+CHECKSUM_KEY = 'fingerprints'
+
+
+class _Damaged(Exception):
+  """A checkpoint's files cannot be read back as the state that was saved."""
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+  """'params/stage1_block1/conv1/kernel' for a pytree key path (dict, attribute or index keys)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+@jax.jit
+def _fingerprint_arrays(leaves: list[jax.Array]) -> jax.Array:
+  """[n, 2] uint32: two position-weighted sums of each array's bits.
+
+  Both sums weight element i's bits with an odd number, so a change of any single bit
+  changes the first sum (mod 2^32); the second mixes the bits first, so that unrelated
+  garbage matches both with probability ~2^-64. Integer sums wrap exactly, so the result
+  is the same on any device count and reduction order.
+  """
+  rows = []
+  for x in leaves:
+    bits = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x
+    bits = jax.lax.bitcast_convert_type(bits, jnp.dtype(f'uint{bits.dtype.itemsize * 8}'))
+    u = bits.reshape(-1).astype(jnp.uint32)
+    i = jnp.arange(u.size, dtype=jnp.uint32)
+    first = jnp.sum(u * (i * jnp.uint32(2654435761) | 1), dtype=jnp.uint32)
+    mixed = (u ^ (u >> 15)) * jnp.uint32(0x85EBCA6B)
+    second = jnp.sum((mixed ^ (mixed >> 13)) * (i * jnp.uint32(0x9E3779B9) | 1), dtype=jnp.uint32)
+    rows.append(jnp.stack([first, second]))
+  return jnp.stack(rows)
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+  """{leaf name: 16 hex digits} identifying the exact bits of every array of `tree`."""
+  named = jax.tree_util.tree_leaves_with_path(tree)
+  if not named:
+    return {}
+  sums = _fingerprint_arrays([x for _, x in named])
+  # Replicated, so this process's first shard is the whole result (works on many hosts too).
+  sums = np.asarray(sums.addressable_data(0))
+  return {leaf_name(p): f'{a:08x}{b:08x}' for (p, _), (a, b) in zip(named, sums, strict=True)}
+
+
+def _structure_mismatch(saved: Any, expected: Any) -> str | None:
+  """The first difference between a checkpoint's array metadata and the expected state."""
+  have = {leaf_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+  want = {leaf_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  for name in sorted(want.keys() - have.keys()):
+    return f'it has no {name}'
+  for name in sorted(have.keys() - want.keys()):
+    return f'it has {name}, which this config does not'
+  for name in sorted(want):
+    a, b = have[name], want[name]
+    if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
+      return (
+        f'{name} is {np.dtype(a.dtype).name}{list(a.shape)} there, '
+        f'{np.dtype(b.dtype).name}{list(b.shape)} in this config'
+      )
+  return None
 
 
 class Checkpoints:
@@ -30,6 +103,7 @@ class Checkpoints:
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self._damaged_dir = os.path.abspath(os.path.join(workdir, 'checkpoints_damaged'))
+    self._read_only = read_only
     options = ocp.CheckpointManagerOptions(
       preservation_policy=policies.AnyPreservationPolicy(
         [
@@ -39,67 +113,185 @@ class Checkpoints:
           ),
         ]
       ),
-      cleanup_tmp_directories=True,
+      cleanup_tmp_directories=not read_only,
       enable_async_checkpointing=True,
       read_only=read_only,
+      create=not read_only,
+      save_interval_steps=0 if read_only else 1,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # The handler up front lets item_metadata read a checkpoint before any save or restore.
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
     self.last_save_blocked_s = 0.0
 
   def steps(self) -> list[int]:
     """Steps with a complete checkpoint, oldest first."""
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+  ) -> None:
     """Start an async save of `state` at `step`; returns once the arrays are copied off
-    the devices, while the files are written in the background."""
+    the devices, while the files are written in the background.
+
+    `extra` (JSON) is stored in the checkpoint's metadata beside the state's fingerprints.
+    Raises CheckpointWriteError if this or an earlier save could not be written.
+    """
+    self.check()
     if step in self._manager.all_steps():
       return  # e.g. a final save right after a periodic one
+    self._check_free_space(sum(x.nbytes for x in jax.tree.leaves(state)))
     start = time.perf_counter()
-    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    custom = {CHECKSUM_KEY: fingerprints(state), **(extra or {})}
+    try:
+      self._manager.save(
+        step,
+        args=ocp.args.StandardSave(state),
+        metrics=metrics,
+        force=True,
+        custom_metadata=custom,
+      )
+    except Exception as e:  # noqa: BLE001 - translated to one line when it is an I/O failure
+      raise self._write_error(e) from e
     self.last_save_blocked_s = time.perf_counter() - start
+
+  def _check_free_space(self, state_bytes: int) -> None:
+    """Refuse a save that cannot fit, before orbax starts it (a full disk mid-save fails in
+    background threads, with pages of tracebacks)."""
+    if '://' in self.directory:
+      return
+    free = shutil.disk_usage(self.directory).free
+    if free < state_bytes * 1.05 + 2**20:
+      raise CheckpointWriteError(
+        f'cannot write a checkpoint in {self.directory}: it needs about '
+        f'{state_bytes / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free. The checkpoints '
+        'already there are intact; make room, then rerun the same command to resume.'
+      )
+
+  def check(self) -> None:
+    """Raise CheckpointWriteError if a background save has failed."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(e) from e
+
+  def _write_error(self, e: BaseException) -> BaseException:
+    """A one-line CheckpointWriteError for an I/O failure; other errors pass through."""
+    text = ' '.join(str(e).split())
+    if isinstance(e, OSError) and e.errno is not None:
+      problem = os.strerror(e.errno)
+    elif 'No space left' in text or f"os_error_code='{errno.ENOSPC}'" in text:
+      problem = 'No space left on device'
+    elif 'Permission denied' in text or 'Read-only file system' in text:
+      problem = 'not writable'
+    else:
+      return e
+    return CheckpointWriteError(
+      f'cannot write a checkpoint in {self.directory}: {problem}. The checkpoints already '
+      'there are intact; make room or fix the permissions, then rerun the same command to '
+      'resume.'
+    )
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any | None:
     """The state at `step` (default: the latest good one), laid out like `abstract_state`.
 
     `abstract_state` holds ShapeDtypeStructs with the target shardings, so a checkpoint
     saved on one mesh restores onto any other. Returns None if there is no checkpoint.
-    A damaged latest checkpoint is reported in one line, moved aside, and the previous
-    one restored instead; an explicitly requested `step` is never skipped.
+    A damaged latest checkpoint is reported in one line and the previous one restored
+    instead (moving the damaged one aside unless read-only); an explicitly requested
+    `step` is never skipped.
     """
-    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
     if step is not None and step not in self.steps():
-      raise FileNotFoundError(
-        f'no checkpoint at step {step} in {self.directory}; available: {self.steps()}'
+      raise UserError(
+        f'no checkpoint at step {step} in {self.directory}; available: {self.steps()}.'
       )
-    for s in candidates:
+    damaged: list[tuple[int, str]] = []
+    for s in [step] if step is not None else sorted(self.steps(), reverse=True):
       try:
-        return self._manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
-      except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
-        if step is not None:
-          raise
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning(
-          'checkpoint at step %d is damaged (%s); moved to %s, trying an older one',
-          s,
-          first_line[:200],
-          self._damaged_dir,
-        )
-        self._quarantine(s)
+        state = self._restore_verified(s, abstract_state)
+      except _Damaged as e:
+        damaged.append((s, str(e)))
+        log.warning('checkpoint at step %d is damaged (%s)', s, e)
+        continue
+      self._set_aside([d for d, _ in damaged])
+      return state
+    if damaged:
+      listing = '; '.join(f'step {s}: {why}' for s, why in damaged)
+      raise UserError(
+        f'no readable checkpoint in {self.directory} ({listing}); nothing was moved or '
+        'deleted. Use a new --workdir to start again, or restore the files.'
+      )
     return None
 
-  def _quarantine(self, step: int) -> None:
+  def _restore_verified(self, step: int, abstract_state: Any) -> Any:
+    """Restore `step`; _Damaged if its files are unreadable or its bits changed.
+
+    A checkpoint that reads fine but holds another state's structure is a UserError:
+    the config does not fit the workdir, and nothing about the files is wrong.
+    """
+    try:
+      saved = self._manager.item_metadata(step)
+      custom = self._manager.metadata(step).custom_metadata or {}
+    except Exception as e:  # noqa: BLE001 - any failure to read means damage
+      raise _Damaged(f'metadata unreadable: {_first_line(e)}') from e
+    if saved is None:
+      raise _Damaged('no array metadata')
+    mismatch = _structure_mismatch(saved, abstract_state)
+    if mismatch:
+      raise UserError(
+        f'the checkpoint at step {step} in {self.directory} does not fit this config '
+        f'({mismatch}); this workdir was made by another config: use a new --workdir, '
+        'or the config that made it.'
+      )
+    try:
+      state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # noqa: BLE001 - any failure to read means damage
+      raise _Damaged(f'array data unreadable: {_first_line(e)}') from e
+    expected = custom.get(CHECKSUM_KEY)
+    if expected is None:
+      log.warning('checkpoint at step %d has no fingerprints (older format); not verified', step)
+      return state
+    actual = fingerprints(state)
+    changed = sorted(k for k in actual if expected.get(k) != actual[k])
+    if changed:
+      raise _Damaged(f'{len(changed)} arrays differ from what was saved, e.g. {changed[0]}')
+    return state
+
+  def custom_metadata(self, step: int) -> dict[str, Any]:
+    """What `save(..., extra=...)` stored with `step` (empty for older checkpoints)."""
+    return dict(self._manager.metadata(step).custom_metadata or {})
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Move damaged checkpoints to WORKDIR/checkpoints_damaged (never in read-only mode)."""
+    if self._read_only or not steps:
+      return
     if jax.process_index() == 0:  # one mover; the other processes wait for it
       os.makedirs(self._damaged_dir, exist_ok=True)
-      target = os.path.join(self._damaged_dir, f'{step}_{int(time.time())}')
-      shutil.move(os.path.join(self.directory, str(step)), target)
-    multihost_utils.sync_global_devices(f'quarantine checkpoint {step}')
+      for s in steps:
+        target = os.path.join(self._damaged_dir, f'{s}_{int(time.time())}')
+        shutil.move(os.path.join(self.directory, str(s)), target)
+        log.warning('moved the damaged checkpoint of step %d to %s', s, target)
+    multihost_utils.sync_global_devices('set aside damaged checkpoints')
     self._manager.reload()
 
   def wait(self) -> None:
     """Block until every started save is on disk."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(e) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+def _first_line(e: BaseException, limit: int = 80) -> str:
+  text = str(e).strip()
+  line = text.splitlines()[0] if text else type(e).__name__
+  return line if len(line) <= limit else line[: limit - 3] + '...'

@@ -7,3 +7,11 @@ class UserError(Exception):
   The message names the problem and how to fix it; `main.py` prints it without a
   traceback. Internal bugs raise ordinary exceptions instead.
   """
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (read-only or full disk); the older ones are intact.
+
+  Orbax's background threads for the failed save never finish, so the process must end
+  without waiting for them (main.py does).
+  """

@@ -15,13 +15,18 @@ Two kinds of sources:
   processes (not on the number of devices); augmentation depends only on (seed, step, row).
 """
 
+import contextlib
 import functools
 import itertools
+import os
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from resnet_jax.data import DatasetSpec
 from resnet_jax.errors import UserError
@@ -37,16 +42,30 @@ EVAL_CROP_FRACTION = 224 / 256  # eval: shorter side resized to 256 for a 224 ce
 
 Batch = dict[str, np.ndarray]
 
-_PREPARE_SCRIPT = 'run `python ../shared/datasets/prepare_tfds.py --data_dir {dir} --datasets '
+# prepare_tfds.py prepares MNIST and CIFAR offline; it lives in ../shared/datasets beside
+# the repository (the parent of this package's directory).
+PREPARE_SCRIPT = (
+  Path(__file__).resolve().parents[1].parent / 'shared' / 'datasets' / 'prepare_tfds.py'
+)
+_SCRIPT_HINT = 'run `python {script} --data_dir {dir} --datasets '
 _PREPARE_HINTS = {
-  'mnist': _PREPARE_SCRIPT + 'mnist`',
-  'cifar10': _PREPARE_SCRIPT + 'cifar10`',
-  'fashion_mnist': _PREPARE_SCRIPT + 'fashion_mnist=FILE.npz` with the arrays in the MNIST layout',
+  'mnist': _SCRIPT_HINT + 'mnist`',
+  'cifar10': _SCRIPT_HINT + 'cifar10`',
+  'fashion_mnist': _SCRIPT_HINT + 'fashion_mnist=FILE.npz` with the arrays in the MNIST layout',
   'imagenet2012': (
     'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in '
     '{dir}/downloads/manual and run `tfds build imagenet2012 --data_dir {dir}`'
   ),
 }
+# What TF raises while reading damaged prepared files: corrupt or truncated records
+# (DataLoss), a missing shard (NotFound), fewer records than dataset_info.json lists
+# (FailedPrecondition, from the cardinality check of a whole-split read). Other OpErrors,
+# such as an undecodable JPEG, are not cured by preparing again, so they stay tracebacks.
+_DAMAGE_ERRORS = (
+  tf.errors.DataLossError,
+  tf.errors.NotFoundError,
+  tf.errors.FailedPreconditionError,
+)
 
 
 def process_split(split: str, process_index: int, process_count: int) -> tfds.typing.SplitArg:
@@ -61,23 +80,93 @@ def process_split_size(num_examples: int, process_index: int, process_count: int
 
 def missing_data_message(name: str, data_dir: str) -> str:
   """One line: the dataset is not in `data_dir`, and how to put it there."""
+  return (
+    f'dataset {name} is not prepared in {data_dir}: {_prepare_hint(name, data_dir)}, or set '
+    '--config.data_dir (or $TFDS_DATA_DIR) to a TFDS data dir that has it.'
+  )
+
+
+def damaged_data_message(name: str, data_dir: str, problem: str) -> str:
+  """One line: the prepared files of `name` in `data_dir` are damaged, and how to redo them."""
+  dataset_dir = os.path.join(data_dir, name)
+  return (
+    f'dataset {name} in {dataset_dir} is damaged ({problem}); to prepare it again, delete '
+    f'{dataset_dir} and {_prepare_hint(name, data_dir)}.'
+  )
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+  """'run ...': how to prepare `name` in `data_dir`, with paths that work from the cwd."""
   hint = _PREPARE_HINTS.get(
     name, f'run `tfds build {name} --data_dir {{dir}}` where there is internet and copy it here'
   )
-  return (
-    f'dataset {name} is not prepared in {data_dir}: {hint.format(dir=data_dir)}, or set '
-    '--config.data_dir (or $TFDS_DATA_DIR) to a TFDS data dir that has it.'
-  )
+  if '{script}' not in hint:
+    return hint.format(dir=data_dir)
+  script = _script_path()
+  if script is None:
+    return hint.format(script='prepare_tfds.py', dir=data_dir) + (
+      ' (prepare_tfds.py is in the shared datasets folder that comes with the data)'
+    )
+  return hint.format(script=script, dir=data_dir)
+
+
+def _script_path() -> str | None:
+  """PREPARE_SCRIPT relative to the cwd, or absolute where that is shorter; None if missing."""
+  if not PREPARE_SCRIPT.is_file():
+    return None
+  # From far away the relative path is a long run of ../ that is harder to read.
+  return min(os.path.relpath(PREPARE_SCRIPT, os.getcwd()), str(PREPARE_SCRIPT), key=len)
+
+
+def _builder(spec: DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `spec` in `data_dir`; a UserError if its dataset_info.json is damaged."""
+  try:
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  except json_format.Error as e:  # dataset_info.json is not JSON or not a DatasetInfo
+    raise _damaged(spec, data_dir, 'its dataset_info.json does not parse') from e
+  except AssertionError as e:  # how tfds says the info's version is not the builder's
+    raise _damaged(spec, data_dir, 'its dataset_info.json does not match the TFDS builder') from e
+  # Valid JSON without splits would read as a dataset never generated: a KeyError later.
+  if not builder.info.splits and builder.is_prepared():
+    raise _damaged(spec, data_dir, 'its dataset_info.json lists no splits')
+  return builder
+
+
+def _damaged(spec: DatasetSpec, data_dir: str | None, problem: str) -> UserError:
+  """The UserError for damaged prepared files of `spec` in `data_dir` (None: tfds' default)."""
+  root = data_dir or tfds.core.constants.get_default_data_dir()
+  return UserError(damaged_data_message(spec.tfds_name, root, problem))
 
 
 def _read(
   spec: DatasetSpec, data_dir: str | None, split: tfds.typing.SplitArg, **kwargs
 ) -> tf.data.Dataset:
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  builder = _builder(spec, data_dir)
   try:
     return builder.as_dataset(split=split, **kwargs)
   except AssertionError as e:  # how tfds says that the data was never prepared there
     raise UserError(missing_data_message(spec.name, str(builder.data_dir_root))) from e
+
+
+@contextlib.contextmanager
+def _reading(spec: DatasetSpec, data_dir: str | None) -> Iterator[None]:
+  """Turns the TF errors of damaged prepared files into a UserError that says how to redo them."""
+  try:
+    yield
+  except _DAMAGE_ERRORS as e:
+    raise _damaged(spec, data_dir, _tf_problem(e)) from e
+
+
+def _tf_problem(error: tf.errors.OpError) -> str:
+  """The error's class and the first line of its message, without TF's op decorations."""
+  message = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:.*', '', error.message.strip())
+  return f'{type(error).__name__}: {message.splitlines()[0] if message else "?"}'
+
+
+def _guarded(batches: Iterator[Batch], spec: DatasetSpec, data_dir: str | None) -> Iterator[Batch]:
+  """`batches`, read lazily: a damaged file found midway raises the same UserError."""
+  with _reading(spec, data_dir):
+    yield from batches
 
 
 @functools.lru_cache(maxsize=8)
@@ -85,7 +174,8 @@ def load_split(
   spec: DatasetSpec, split: str, data_dir: str | None
 ) -> tuple[np.ndarray, np.ndarray]:
   """A whole split as (uint8 images [N, H, W, C], int32 labels [N]), in the stored order."""
-  arrays = tfds.as_numpy(_read(spec, data_dir, split, batch_size=-1))
+  with _reading(spec, data_dir):
+    arrays = tfds.as_numpy(_read(spec, data_dir, split, batch_size=-1))
   return arrays['image'], arrays['label'].astype(np.int32)
 
 
@@ -256,7 +346,9 @@ def file_train_batches(
     steps_per_epoch=steps_per_epoch,
   )
   start_epoch, first = divmod(start_step, steps_per_epoch)
-  return _chain_epochs(epoch(start_epoch, first), epoch, start_epoch, split)
+  return _guarded(
+    _chain_epochs(epoch(start_epoch, first), epoch, start_epoch, split), spec, data_dir
+  )
 
 
 def _chain_epochs(
@@ -352,7 +444,7 @@ def file_eval_batches(
   ).repeat()
   num_batches = -(-process_split_size(spec.num_eval, 0, process_count) // batch_size)
   batches = examples.concatenate(padding).take(num_batches * batch_size).batch(batch_size)
-  return _finish(batches).as_numpy_iterator()
+  return _guarded(_finish(batches).as_numpy_iterator(), spec, data_dir)
 
 
 def _finish(batches: tf.data.Dataset) -> tf.data.Dataset:

@@ -10,8 +10,10 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,11 +22,12 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from resnet_jax import data, models, optim, sharding
+from resnet_jax import config_checks, data, models, optim, sharding
 from resnet_jax import train_step as ts
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpointing import Checkpoints
 from resnet_jax.errors import UserError
-from resnet_jax.metric_logging import MetricWriter, truncate_metrics
+from resnet_jax.metric_logging import Console, MetricWriter, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +51,11 @@ class Setup:
 
 def build(config: Any, mesh: Mesh | None = None) -> Setup:
   """Validate the config and build the model, optimizer and schedule for this mesh."""
+  config_checks.validate(config)
   mesh = sharding.make_mesh() if mesh is None else mesh
   spec = data.get_spec(config.dataset)
   sharding.check_batch_divisible(config.batch_size, mesh)
   sharding.check_batch_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
-  if config.on_nonfinite_loss not in ('stop', 'skip'):
-    raise UserError(
-      f"unknown on_nonfinite_loss {config.on_nonfinite_loss!r}; choose 'stop' or 'skip'."
-    )
   overrides = {
     'num_classes': spec.num_classes,
     'dtype': config.dtype,
@@ -117,92 +117,142 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
-def train_and_evaluate(config: Any, workdir: str, mesh: Mesh | None = None) -> ts.TrainState:
-  """Train `config` in `workdir` to its last step (resuming if possible); returns the state."""
+def train_and_evaluate(
+  config: Any, workdir: str, mesh: Mesh | None = None, allow_config_change: Sequence[str] = ()
+) -> ts.TrainState:
+  """Train `config` in `workdir` to its last step (resuming if possible); returns the state.
+
+  A workdir made by another config is refused (see resnet_jax.workdir) unless the fields
+  that differ are named in `allow_config_change`.
+  """
   setup = build(config, mesh)
+  workdir_lib.prepare(workdir)
+  workdir_lib.check_and_record(config, workdir, allow_config_change)
   is_writer = jax.process_index() == 0
-  checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-  state = restore_or_create(setup, checkpoints, config.seed)
-  start = int(state.step)
-  if is_writer:
-    truncate_metrics(workdir, start)
-  writer = MetricWriter(workdir, setup.total_steps, enabled=is_writer)
-  log.info(
-    'model %s, %d parameters, %d steps (%d per epoch), starting at step %d',
-    config.model,
-    sum(x.size for x in jax.tree.leaves(state.params)),
-    setup.total_steps,
-    setup.steps_per_epoch,
-    start,
-  )
-  preemption = _Preemption()
-  try:
-    state = _loop(config, workdir, setup, state, checkpoints, writer, preemption)
-  finally:
-    preemption.close()
-    checkpoints.close()
-    writer.close()
-  return state
+  with contextlib.ExitStack() as stack:
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    stack.callback(checkpoints.close)
+    state = restore_or_create(setup, checkpoints, config.seed)
+    start = int(state.step)
+    log_window = _restored_log_window(checkpoints, start)
+    if is_writer:
+      truncate_metrics(workdir, start)
+    writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, is_writer)))
+    console = stack.enter_context(
+      contextlib.closing(Console(setup.total_steps, config.batch_size, is_writer))
+    )
+    log.info(
+      'model %s, %d parameters, %d steps (%d per epoch), starting at step %d',
+      config.model,
+      sum(x.size for x in jax.tree.leaves(state.params)),
+      setup.total_steps,
+      setup.steps_per_epoch,
+      start,
+    )
+    preemption = _Preemption()
+    stack.callback(preemption.close)
+    run = _Run(config, workdir, setup, checkpoints, writer, console, preemption)
+    return run.loop(state, log_window)
 
 
-def _loop(config, workdir, setup, state, checkpoints, writer, preemption) -> ts.TrainState:
-  start, total = int(state.step), setup.total_steps
-  train_step = ts.make_train_step(
-    setup.model,
-    setup.tx,
-    setup.mesh,
-    config.label_smoothing,
-    config.on_nonfinite_loss == 'skip',
-    setup.schedule,
-  )
-  eval_step = ts.make_eval_step(setup.model, setup.mesh)
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else setup.steps_per_epoch
-  batches = data.train_batches(config, setup.mesh, start_step=start)
-  pending: list[dict[str, jax.Array]] = []
-  window_start, window_steps = time.perf_counter(), 0
-  profile = _Profile(workdir, start, config.profile_steps)
-  for step in range(start + 1, total + 1):
-    profile.before(step)
-    state, metrics = train_step(state, next(batches))
-    pending.append(metrics)
-    window_steps += 1
-    if step == start + 1:  # images/s leaves out the first step, which compiles
-      jax.block_until_ready(state)
-      window_start, window_steps = time.perf_counter(), 0
-    profile.after(step, state)
-    is_last = step == total
-    evaluate = _every(step, eval_every, total)
-    # Evaluated states are saved too, so the best-by-top-1 checkpoint can be kept.
-    save = evaluate or _every(step, config.checkpoint_every_steps, total)
-    if _every(step, config.log_every_steps, total) or save:
-      means = _mean_metrics(pending)
-      _check_finite(config, step, pending)
-      pending = []
-      now = time.perf_counter()
-      row = {f'train_{k}': v for k, v in means.items() if k not in ('lr', 'finite')}
-      row['lr'] = means['lr']
-      if window_steps:
-        row['img_per_s'] = window_steps * config.batch_size / (now - window_start)
-      writer.write(step, row)
-      writer.progress(
-        step, {'loss': row['train_loss'], 'top1': row['train_top1'], 'img/s': row.get('img_per_s')}
-      )
-      window_start, window_steps = now, 0
-    eval_metrics = None
-    if evaluate:
-      eval_metrics = ts.evaluate(eval_step, state, data.eval_batches(config, setup.mesh))
-      writer.write(step, eval_metrics)
-      writer.progress(step, eval_metrics, with_eta=False)
-      window_start = time.perf_counter()  # eval time is not training throughput
-    if save:
-      checkpoints.save(step, state, eval_metrics)
-    if not is_last and preemption.requested(step):
-      _check_finite(config, step, pending)
-      checkpoints.save(step, state)
-      checkpoints.wait()
-      log.warning('preempted at step %d: checkpoint saved; rerun the same command to resume', step)
-      break
-  return state
+# Per-step metrics logged as one averaged row every log_every_steps; a checkpoint taken
+# between two rows stores the steps since the last row, so a resumed run logs the same row.
+_LOG_WINDOW_KEY = 'log_window'
+
+
+def _restored_log_window(checkpoints: Checkpoints, step: int) -> list[dict[str, Any]]:
+  """The per-step metrics since the last logged row, as saved with the checkpoint at `step`."""
+  if step == 0:
+    return []
+  rows = checkpoints.custom_metadata(step).get(_LOG_WINDOW_KEY, [])
+  # float32 as they came off the devices, so the row's mean is computed exactly as before.
+  return [{k: np.float32(v) for k, v in row.items()} for row in rows]
+
+
+@dataclasses.dataclass
+class _Run:
+  """The training loop and what it writes to."""
+
+  config: Any
+  workdir: str
+  setup: Setup
+  checkpoints: Checkpoints
+  writer: MetricWriter
+  console: Console
+  preemption: '_Preemption'
+
+  def loop(self, state: ts.TrainState, pending: list[dict[str, Any]]) -> ts.TrainState:
+    config, setup = self.config, self.setup
+    start, total = int(state.step), setup.total_steps
+    train_step = ts.make_train_step(
+      setup.model,
+      setup.tx,
+      setup.mesh,
+      config.label_smoothing,
+      config.on_nonfinite_loss == 'skip',
+      setup.schedule,
+    )
+    eval_step = ts.make_eval_step(setup.model, setup.mesh)
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else setup.steps_per_epoch
+    batches = data.train_batches(config, setup.mesh, start_step=start)
+    window_start, window_steps = time.perf_counter(), 0
+    profile = _Profile(self.workdir, start, config.profile_steps)
+    for step in range(start + 1, total + 1):
+      profile.before(step)
+      state, metrics = train_step(state, next(batches))
+      # At most two steps in flight: progress and preemption see the device's step, and a
+      # SIGTERM is answered at the next step rather than after a run-ahead of many.
+      if pending:
+        jax.block_until_ready(pending[-1])
+      pending.append(metrics)
+      window_steps += 1
+      if step == start + 1:  # images/s leaves out the first step, which compiles
+        jax.block_until_ready(state)
+        window_start, window_steps = time.perf_counter(), 0
+        self.console.start_timing(step)
+      profile.after(step, state)
+      self.console.tick(step)
+      self.checkpoints.check()
+      evaluate = _every(step, eval_every, total)
+      # Evaluated states are saved too, so the best-by-top-1 checkpoint can be kept.
+      save = evaluate or _every(step, config.checkpoint_every_steps, total)
+      if _every(step, config.log_every_steps, total) or save:
+        now = time.perf_counter()
+        img_per_s = (
+          (window_steps * config.batch_size / (now - window_start)) if window_steps else None
+        )
+        self._log(step, pending, img_per_s)
+        pending = []
+        window_start, window_steps = now, 0
+      eval_metrics = None
+      if evaluate:
+        eval_metrics = ts.evaluate(eval_step, state, data.eval_batches(config, setup.mesh))
+        self.writer.write(step, eval_metrics)
+        self.console.line(step, eval_metrics, with_eta=False)
+        window_start = time.perf_counter()  # eval time is not training throughput
+      if save:
+        self.checkpoints.save(step, state, eval_metrics)
+      if step != total and self.preemption.requested(step):
+        _check_finite(config, step, pending)
+        window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        self.checkpoints.save(step, state, extra={_LOG_WINDOW_KEY: window})
+        self.checkpoints.wait()
+        log.warning(
+          'preempted at step %d: checkpoint saved; rerun the same command to resume.', step
+        )
+        break
+    return state
+
+  def _log(self, step: int, pending: list[dict[str, Any]], img_per_s: float | None) -> None:
+    """One averaged row for the steps since the last row (and a console line)."""
+    means = _mean_metrics(pending)
+    _check_finite(self.config, step, pending)
+    row = {f'train_{k}': v for k, v in means.items() if k not in ('lr', 'finite')}
+    row['lr'] = means['lr']
+    if img_per_s is not None:
+      row['img_per_s'] = img_per_s
+    self.writer.write(step, row)
+    self.console.line(step, {'loss': row['train_loss'], 'top1': row['train_top1']})
 
 
 def _check_finite(config, step: int, pending: list[dict[str, jax.Array]]) -> None:
@@ -237,10 +287,20 @@ class _Profile:
 
 
 def evaluate_checkpoint(
-  config: Any, workdir: str, step: int | None = None, mesh: Mesh | None = None
+  config: Any,
+  workdir: str,
+  step: int | None = None,
+  mesh: Mesh | None = None,
+  allow_config_change: Sequence[str] = (),
 ) -> dict[str, float]:
-  """Evaluate a checkpoint (default: the latest) on the full eval split and log it."""
+  """Evaluate a checkpoint (default: the latest) on the full eval split and log it.
+
+  Reads the checkpoints without changing them: a damaged latest one is skipped, not moved.
+  """
   setup = build(config, mesh)
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')) and '://' not in workdir:
+    raise UserError(f'no checkpoints in {workdir}; train first (without --mode=eval).')
+  workdir_lib.check_config(config, workdir, allow_config_change, for_eval=True)
   with contextlib.closing(Checkpoints(workdir, config.keep_checkpoints, read_only=True)) as ckpt:
     if not ckpt.steps():
       raise UserError(f'no checkpoint in {ckpt.directory}; train first (without --mode=eval).')
@@ -249,7 +309,6 @@ def evaluate_checkpoint(
   metrics = ts.evaluate(
     ts.make_eval_step(setup.model, setup.mesh), state, data.eval_batches(config, setup.mesh)
   )
-  writer = MetricWriter(workdir, setup.total_steps, enabled=jax.process_index() == 0)
-  writer.write(int(state.step), {**metrics, 'mode': 'eval'})
-  writer.close()
+  with contextlib.closing(MetricWriter(workdir, jax.process_index() == 0)) as writer:
+    writer.write(int(state.step), {**metrics, 'mode': 'eval'})
   return metrics

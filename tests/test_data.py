@@ -3,6 +3,9 @@
 import dataclasses
 import itertools
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +94,30 @@ def test_missing_data_says_how_to_prepare_it(dataset, hint, tmp_path, mesh8):
   assert empty in str(e.value) and '\n' not in str(e.value)
 
 
+@pytest.mark.parametrize('cwd', ['tmp', 'tests'])
+def test_prepare_hint_gives_the_script_path_from_the_cwd(cwd, tmp_path, monkeypatch):
+  from resnet_jax import input_pipeline
+
+  if not input_pipeline.PREPARE_SCRIPT.is_file():
+    pytest.skip(f'{input_pipeline.PREPARE_SCRIPT} is missing')
+  here = tmp_path if cwd == 'tmp' else REPO / 'tests'
+  monkeypatch.chdir(here)
+  message = input_pipeline.missing_data_message('mnist', 'DIR')
+  assert message.startswith('dataset mnist is not prepared in DIR: run `python ')
+  (script,) = re.findall(r'`python (\S+) --data_dir DIR --datasets mnist`', message)
+  assert (here / script).resolve() == input_pipeline.PREPARE_SCRIPT
+  assert len(script) <= len(str(input_pipeline.PREPARE_SCRIPT))  # never a longer ../ path
+
+
+def test_prepare_hint_without_the_script_says_where_it_is(tmp_path, monkeypatch):
+  from resnet_jax import input_pipeline
+
+  monkeypatch.setattr(input_pipeline, 'PREPARE_SCRIPT', tmp_path / 'nowhere' / 'prepare_tfds.py')
+  message = input_pipeline.missing_data_message('cifar10', 'DIR')
+  assert '`python prepare_tfds.py --data_dir DIR --datasets cifar10`' in message
+  assert 'shared datasets folder' in message and '\n' not in message
+
+
 @pytest.mark.parametrize(
   ('overrides', 'message'),
   [
@@ -174,6 +201,107 @@ def test_processes_take_their_rows_of_the_same_global_batch(tfds_dir):
   parts = [batches(rows) for rows in np.split(np.arange(16), 2)]
   joined = [{k: np.concatenate([p[i][k] for p in parts]) for k in whole[i]} for i in range(2)]
   _assert_same(whole, joined)
+
+
+# Damaged prepared data: a one-line UserError that says how to prepare it again.
+
+
+def _truncate(path: Path) -> None:
+  os.truncate(path, path.stat().st_size // 2)
+
+
+def _overwrite_start(path: Path) -> None:
+  with open(path, 'r+b') as f:
+    f.write(b'garbage!' * 512)
+
+
+def _drop_splits(path: Path) -> None:
+  info = json.loads(path.read_text())
+  del info['splits']
+  path.write_text(json.dumps(info))
+
+
+def _damaged_mnist(tfds_dir: str, tmp_path: Path, pattern: str, damage) -> Path:
+  """A data dir in tmp_path with a copy of the prepared mnist (the cached one stays intact),
+  `damage` done to its one file that matches `pattern`."""
+  data_dir = tmp_path / 'tfds'
+  shutil.copytree(Path(tfds_dir) / 'mnist', data_dir / 'mnist')
+  (path,) = (data_dir / 'mnist').glob(f'*/{pattern}')
+  damage(path)
+  return data_dir
+
+
+def _assert_says_prepare_again(error: pytest.ExceptionInfo, data_dir: Path) -> None:
+  message = str(error.value)
+  assert message.startswith(f'dataset mnist in {data_dir / "mnist"} is damaged (')
+  assert f'delete {data_dir / "mnist"} and run `python ' in message
+  assert f'prepare_tfds.py --data_dir {data_dir} --datasets mnist`' in message
+  assert '\n' not in message
+
+
+@pytest.mark.parametrize('damage', [_truncate, _overwrite_start], ids=['truncated', 'garbage'])
+def test_damaged_records_in_memory_say_prepare_again(damage, tfds_dir, tmp_path):
+  from resnet_jax import input_pipeline
+
+  # A fresh dir each time, so load_split's cache cannot answer.
+  data_dir = _damaged_mnist(tfds_dir, tmp_path, 'mnist-train.tfrecord-*', damage)
+  with pytest.raises(UserError, match='DataLossError') as e:
+    input_pipeline.load_split(data.get_spec('mnist'), 'train', str(data_dir))
+  _assert_says_prepare_again(e, data_dir)
+
+
+@pytest.mark.parametrize('damage', [_truncate, _overwrite_start], ids=['truncated', 'garbage'])
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_damaged_records_read_lazily_say_prepare_again(split, damage, tfds_dir, tmp_path):
+  import tensorflow as tf
+
+  from resnet_jax import input_pipeline
+
+  data_dir = _damaged_mnist(tfds_dir, tmp_path, f'mnist-{split}.tfrecord-*', damage)
+  spec, size = data.get_spec('mnist'), 8
+  # MNIST stores PNGs, which the JPEG decoding would reject first: this is about the records.
+  blank = lambda *_: tf.zeros([size, size, 3], tf.uint8)
+  with (
+    mock.patch.object(input_pipeline, 'train_image', blank),
+    mock.patch.object(input_pipeline, 'eval_image', blank),
+    pytest.raises(UserError, match='DataLossError') as e,
+  ):
+    if split == 'train':
+      batches = input_pipeline.file_train_batches(
+        spec,
+        str(data_dir),
+        image_size=size,
+        augment='inception',
+        shuffle_buffer=16,
+        seed=0,
+        rows=np.arange(1000),
+        process_index=0,
+        process_count=1,
+        steps_per_epoch=60,  # the whole split: the truncation is in its second half
+      )
+      list(itertools.islice(batches, 61))
+    else:
+      batches = input_pipeline.file_eval_batches(
+        spec, str(data_dir), image_size=size, batch_size=1000, process_index=0, process_count=1
+      )
+      list(batches)
+  _assert_says_prepare_again(e, data_dir)
+
+
+@pytest.mark.parametrize(
+  ('damage', 'problem'),
+  [
+    (lambda path: path.write_bytes(b'\x00garbage'), 'does not parse'),
+    (lambda path: path.write_text('{}'), 'does not match the TFDS builder'),
+    (_drop_splits, 'lists no splits'),
+  ],
+  ids=['garbage', 'empty', 'no-splits'],
+)
+def test_damaged_dataset_info_says_prepare_again(damage, problem, tfds_dir, tmp_path, mesh8):
+  data_dir = _damaged_mnist(tfds_dir, tmp_path, 'dataset_info.json', damage)
+  with pytest.raises(UserError, match=f'dataset_info.json {problem}') as e:
+    data.train_batches(_config('mnist', str(data_dir)), mesh8)
+  _assert_says_prepare_again(e, data_dir)
 
 
 # Eval coverage.
