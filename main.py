@@ -123,7 +123,7 @@ class _OwnLinesOnly(logging.Filter):
 
 
 def run(_) -> None:
-  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # the libraries: no INFO records at all
   absl_logging.get_absl_handler().addFilter(_OwnLinesOnly())
   logging.getLogger('resnet_jax').setLevel(logging.INFO)
   _init_jax()

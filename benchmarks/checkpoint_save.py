@@ -5,8 +5,9 @@
 Builds the model's full train state (parameters, BN statistics, SGD momentum) with the
 training loop's own code, saves it through `resnet_jax.checkpointing.Checkpoints` as the
 loop does, and prints one `RESULT {json}` line per save: `blocked_s` (what the loop
-waits for: the copy off the devices and the start of the write) and `total_s` (until the
-files are committed on disk), with the state's size.
+waits for: the fingerprints, the copy off the devices and the start of the write),
+`fingerprint_s` (the part of it that computes the arrays' fingerprints, already compiled)
+and `total_s` (until the files are committed on disk), with the state's size.
 """
 
 import argparse
@@ -19,7 +20,7 @@ import jax
 from benchmarks.train_throughput import build_model, optimizer_config
 from resnet_jax import optim, sharding
 from resnet_jax import train_step as ts
-from resnet_jax.checkpointing import Checkpoints
+from resnet_jax.checkpointing import Checkpoints, fingerprints
 
 
 def main() -> None:
@@ -35,7 +36,13 @@ def main() -> None:
   state = ts.create_train_state(model, tx, (a.image_size, a.image_size, 3), 0, mesh)
   size = sum(x.nbytes for x in jax.tree.leaves(state))
   checkpoints = Checkpoints(a.workdir or tempfile.mkdtemp(prefix='ckpt_bench_'))
+  start = time.perf_counter()
+  fingerprints(state)
+  compile_s = time.perf_counter() - start
   for step in range(1, a.saves + 1):
+    start = time.perf_counter()
+    fingerprints(state)
+    fingerprint_s = time.perf_counter() - start
     start = time.perf_counter()
     checkpoints.save(step, state)
     blocked = checkpoints.last_save_blocked_s
@@ -49,6 +56,8 @@ def main() -> None:
           'state_mb': round(size / 2**20, 1),
           'save': step,
           'blocked_s': round(blocked, 3),
+          'fingerprint_s': round(fingerprint_s, 4),
+          'fingerprint_first_s': round(compile_s, 3),
           'total_s': round(total, 3),
           'device': jax.devices()[0].device_kind,
           'jax': jax.__version__,

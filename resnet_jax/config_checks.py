@@ -85,6 +85,11 @@ def validate(config: Any) -> None:
   _real(config, 'weight_decay', 0.0, should='>= 0')
   _real(config, 'label_smoothing', 0.0, 0.99)
   _choice(config, 'lr_schedule', optim.SCHEDULES)
+  for field in ('lr_boundaries', 'lr_boundaries_epochs'):
+    if config[field] and config.lr_schedule != 'step':
+      _fail(
+        field, config[field], f"empty unless lr_schedule='step' ({config.lr_schedule!r} ignores it)"
+      )
   _choice(config, 'warmup', optim.WARMUPS)
   _choice(config, 'optimizer', optim.OPTIMIZERS)
   _choice(config, 'on_nonfinite_loss', NONFINITE_POLICIES)

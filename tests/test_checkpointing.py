@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 from configs import smoke
 from resnet_jax import sharding, train
 from resnet_jax.checkpointing import Checkpoints
+from resnet_jax.errors import UserError
 from resnet_jax.metric_logging import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,6 +176,136 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   # The workdir stays usable: training resumes from 4 and completes (a longer schedule).
   state = _train_in_process(tmp_path, 1, ['num_train_steps'], num_train_steps=12)
   assert int(state.step) == 12 and Checkpoints(str(tmp_path)).steps()[-1] == 12
+
+
+def _array_files(step_dir):
+  """The array data files of a checkpoint (not its metadata), largest first."""
+  files = [f for f in (step_dir / 'default').rglob('*') if f.is_file() and f.parent.name == 'd']
+  return sorted(files, key=lambda f: f.stat().st_size, reverse=True)
+
+
+def _garbage_at_start(step_dir):
+  f = _array_files(step_dir)[0]
+  f.write_bytes(bytes(64) + f.read_bytes()[64:])
+
+
+def _flip_one_bit(step_dir):
+  f = _array_files(step_dir)[0]
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x04
+  f.write_bytes(bytes(data))
+
+
+def _empty_step_dir(step_dir):
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+
+
+@pytest.mark.parametrize('damage', [_garbage_at_start, _flip_one_bit, _empty_step_dir])
+def test_damage_that_reads_without_error_is_caught_and_the_older_checkpoint_used(
+  tmp_path, damage, caplog
+):
+  _train_in_process(tmp_path, 1, num_train_steps=8)
+  good = _params(tmp_path, step=4)
+  damage(tmp_path / 'checkpoints' / '8')
+  restored = _params(tmp_path)
+  assert int(restored.step) == 4
+  _assert_same(restored.params, good.params)
+  assert 'checkpoint at step 8 is damaged' in caplog.text
+  assert [p.name.split('_')[0] for p in (tmp_path / 'checkpoints_damaged').iterdir()] == ['8']
+  # Training goes on from 4 and saves again at 8.
+  state = _train_in_process(tmp_path, 1, num_train_steps=8)
+  assert int(state.step) == 8 and Checkpoints(str(tmp_path)).steps() == [4, 8]
+
+
+def test_every_checkpoint_damaged_stops_with_one_line_and_keeps_everything(tmp_path):
+  _train_in_process(tmp_path, 1, num_train_steps=8)
+  for step in (4, 8):
+    _flip_one_bit(tmp_path / 'checkpoints' / str(step))
+  metrics = (tmp_path / 'metrics.jsonl').read_text()
+  with pytest.raises(UserError, match=r'no readable checkpoint in .*step 8: .*step 4: .*nothing'):
+    _train_in_process(tmp_path, 1, num_train_steps=8)
+  assert Checkpoints(str(tmp_path)).steps() == [4, 8]
+  assert not (tmp_path / 'checkpoints_damaged').exists()
+  assert (tmp_path / 'metrics.jsonl').read_text() == metrics
+
+
+def test_eval_skips_a_damaged_checkpoint_without_moving_it(tmp_path):
+  _train_in_process(tmp_path, 1, num_train_steps=8)
+  _flip_one_bit(tmp_path / 'checkpoints' / '8')
+  metrics = train.evaluate_checkpoint(_config(), str(tmp_path), mesh=_mesh1())
+  assert metrics['eval_count'] == 1000
+  assert read_metrics(tmp_path)[-1]['step'] == 4
+  assert Checkpoints(str(tmp_path)).steps() == [4, 8]
+  assert not (tmp_path / 'checkpoints_damaged').exists()
+
+
+def _mesh1():
+  return sharding.make_mesh(jax.devices()[:1])
+
+
+def _run_main_until_done(workdir, timeout=240):
+  proc = _main(workdir)
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise AssertionError('main.py hung after the failed save') from None
+  return proc.returncode, out
+
+
+def test_full_disk_stops_at_the_failed_save_with_one_line(tmp_path):
+  # A 4 MiB filesystem holds the first checkpoint (~2.7 MiB) but not a second.
+  ckpt = tmp_path / 'checkpoints'
+  ckpt.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(ckpt)]).returncode:
+    pytest.skip('cannot mount a small tmpfs here (needs root) to fill a disk')
+  try:
+    code, out = _run_main_until_done(tmp_path)
+    assert code == 2, out
+    assert (
+      out.strip()
+      .splitlines()[-1]
+      .startswith(f'error: cannot write a checkpoint in {ckpt}: it needs about')
+    )
+    assert 'Traceback' not in out
+    assert Checkpoints(str(tmp_path)).steps() == [4]  # the older one is intact
+  finally:
+    subprocess.run(['umount', str(ckpt)], check=True)
+
+
+def test_read_only_checkpoints_stop_with_one_line_and_no_hang(tmp_path):
+  ckpt = tmp_path / 'checkpoints'
+  ckpt.mkdir()
+  if subprocess.run(['chattr', '+i', str(ckpt)], capture_output=True).returncode:
+    pytest.skip('chattr +i is not available here (root ignores permission bits)')
+  try:
+    code, out = _run_main_until_done(tmp_path)
+  finally:
+    subprocess.run(['chattr', '-i', str(ckpt)], check=True)
+  assert code == 2, out
+  assert out.strip().splitlines()[-1] == (
+    f'error: {ckpt} is not writable (Operation not permitted); fix its permissions or choose '
+    'another --workdir.'
+  )
+
+
+def test_a_save_that_fails_in_the_background_stops_the_run_with_one_line(tmp_path):
+  # The directory becomes read-only after the start: orbax's async save fails in its
+  # threads, and the loop notices at the next step (and the process does not hang).
+  proc = _main(tmp_path, '--config.num_train_steps=400', '--config.checkpoint_every_steps=100')
+  _wait_for_step(tmp_path, 5, proc)
+  ckpt = tmp_path / 'checkpoints'
+  if subprocess.run(['chattr', '+i', str(ckpt)], capture_output=True).returncode:
+    proc.kill()
+    pytest.skip('chattr +i is not available here (root ignores permission bits)')
+  try:
+    out, _ = proc.communicate(timeout=240)
+  finally:
+    subprocess.run(['chattr', '-i', str(ckpt)], check=True)
+  assert proc.returncode == 2, out
+  assert out.strip().splitlines()[-1].startswith(f'error: cannot write a checkpoint in {ckpt}')
+  assert max(r['step'] for r in read_metrics(tmp_path)) <= 110  # stopped at the failed save
 
 
 @pytest.mark.parametrize('saved_on,restored_on', [(8, 1), (1, 8)])

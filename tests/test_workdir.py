@@ -150,6 +150,7 @@ def test_another_structure_in_a_workdir_without_config_json_is_not_damage(traine
     ('keep_checkpoints', 0, 'keep_checkpoints=0 is invalid: it must be at least 1'),
     ('lr_boundaries', 10, 'lr_boundaries=10 is invalid: it must be a tuple, e.g. --config'),
     ('lr_boundaries', (48_000, 32_000), 'must be increasing'),
+    ('lr_schedule', 'cosine', 'lr_boundaries=(32000, 48000) is invalid: it must be empty unless'),
     ('on_nonfinite_loss', 'ignore', "on_nonfinite_loss='ignore' is invalid"),
   ],
 )
