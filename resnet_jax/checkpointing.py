@@ -174,9 +174,13 @@ class Checkpoints:
       )
 
   def check(self) -> None:
-    """Raise CheckpointWriteError if a background save has failed."""
+    """Raise CheckpointWriteError if a background save has failed (cheap: once a step)."""
     try:
       self._manager.check_for_errors()
+      if not self._manager.is_saving_in_progress():
+        # Returns at once, or raises what a finished save's background thread raised
+        # (check_for_errors does not see those).
+        self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
       raise self._write_error(e) from e
 

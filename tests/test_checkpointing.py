@@ -305,7 +305,7 @@ def test_a_save_that_fails_in_the_background_stops_the_run_with_one_line(tmp_pat
     subprocess.run(['chattr', '-i', str(ckpt)], check=True)
   assert proc.returncode == 2, out
   assert out.strip().splitlines()[-1].startswith(f'error: cannot write a checkpoint in {ckpt}')
-  assert max(r['step'] for r in read_metrics(tmp_path)) <= 110  # stopped at the failed save
+  assert max(r['step'] for r in read_metrics(tmp_path)) <= 105  # stopped at the failed save (100)
 
 
 @pytest.mark.parametrize('saved_on,restored_on', [(8, 1), (1, 8)])
