@@ -143,7 +143,7 @@ def test_sigterm_stops_at_the_next_step_and_the_resumed_log_is_exact(tmp_path, u
   assert 'preempted at step' in out
   stopped = Checkpoints(str(preempted)).steps()[-1]
   print('SIGTERM after the row of step 10; saved at step', stopped)
-  assert 10 <= stopped <= 14  # the loop used to run on to the next row (step 20)
+  assert 10 <= stopped <= 16  # it used to run on to the next row (step 20); slack for a busy CPU
   out = _finish(_main(preempted, **sparse))
   assert f'starting at step {stopped}' in out
   _assert_same(_params(preempted).params, _params(uninterrupted).params)
@@ -377,7 +377,9 @@ def test_two_processes_compute_what_one_computes(tmp_path):
   # margin over that rounding. Updates are lr x gradient, so parameters differ by ~1e-7
   # of an update, far below 1e-6 of their norm.
   flat = [ravel_pytree(x.params)[0] for x in (a, b)]
-  assert np.linalg.norm(flat[0] - flat[1]) / np.linalg.norm(flat[0]) < 1e-6
+  drift = np.linalg.norm(flat[0] - flat[1]) / np.linalg.norm(flat[0])
+  print('parameters apart after 8 steps (relative norm):', drift)
+  assert drift < 1e-6
   losses = [[r['train_loss'] for r in read_metrics(w) if 'train_loss' in r] for w in (one, two)]
   assert len(losses[1]) == 8
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
