@@ -124,6 +124,7 @@ class Checkpoints:
       self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
     )
     self.last_save_blocked_s = 0.0
+    self._unconfirmed_save = False  # a save whose background write may still fail
 
   def steps(self) -> list[int]:
     """Steps with a complete checkpoint, oldest first."""
@@ -158,6 +159,7 @@ class Checkpoints:
       )
     except Exception as e:  # noqa: BLE001 - translated to one line when it is an I/O failure
       raise self._write_error(e) from e
+    self._unconfirmed_save = True
     self.last_save_blocked_s = time.perf_counter() - start
 
   def _check_free_space(self, state_bytes: int) -> None:
@@ -174,13 +176,19 @@ class Checkpoints:
       )
 
   def check(self) -> None:
-    """Raise CheckpointWriteError if a background save has failed (cheap: once a step)."""
+    """Raise CheckpointWriteError if a background save has failed.
+
+    Cheap enough for every step: it asks orbax only while a save is unconfirmed.
+    """
+    if not self._unconfirmed_save:
+      return
     try:
       self._manager.check_for_errors()
       if not self._manager.is_saving_in_progress():
         # Returns at once, or raises what a finished save's background thread raised
         # (check_for_errors does not see those).
         self._manager.wait_until_finished()
+        self._unconfirmed_save = False
     except Exception as e:  # noqa: BLE001
       raise self._write_error(e) from e
 
@@ -289,6 +297,7 @@ class Checkpoints:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
       raise self._write_error(e) from e
+    self._unconfirmed_save = False
 
   def close(self) -> None:
     self.wait()

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Sequence
@@ -298,8 +297,6 @@ def evaluate_checkpoint(
   Reads the checkpoints without changing them: a damaged latest one is skipped, not moved.
   """
   setup = build(config, mesh)
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')) and '://' not in workdir:
-    raise UserError(f'no checkpoints in {workdir}; train first (without --mode=eval).')
   workdir_lib.check_config(config, workdir, allow_config_change, for_eval=True)
   with contextlib.closing(Checkpoints(workdir, config.keep_checkpoints, read_only=True)) as ckpt:
     if not ckpt.steps():

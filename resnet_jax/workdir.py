@@ -129,8 +129,13 @@ def check_config(
   `for_eval`, only what evaluation depends on is compared.
   """
   saved = read_config(workdir)
-  if saved is None:
-    return []
+  return [] if saved is None else _allowed_changes(saved, config, workdir, allow, for_eval)
+
+
+def _allowed_changes(
+  saved: dict[str, Any], config: Any, workdir: str, allow: Iterable[str], for_eval: bool
+) -> list[str]:
+  """check_config against the recorded (flattened) config `saved`."""
   current = flatten(config)
   changed = differences(saved, current)
   if for_eval:
@@ -194,14 +199,14 @@ def check_and_record(config: Any, workdir: str, allow: Iterable[str] = ()) -> No
     record_config(config, workdir)
     return
   saved = read_config(workdir)
-  changed = check_config(config, workdir, allow)
   if saved is None:
     log.info('recording the config of this run in %s (the workdir had none)', CONFIG_FILE)
     record_config(config, workdir)
-  elif changed:
+    return
+  changed = _allowed_changes(saved, config, workdir, allow, for_eval=False)
+  if changed:
     log.warning('deliberate config change: %s', _describe(changed, saved, flatten(config)))
-    step = _latest_step(workdir)
-    record_config(config, workdir, previous_step=step)
+    record_config(config, workdir, previous_step=_latest_step(workdir))
 
 
 def _latest_step(workdir: str) -> int:
