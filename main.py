@@ -144,13 +144,14 @@ def run(_) -> None:
   from resnet_jax import train  # after jax.distributed: it must come before any jax use
 
   if FLAGS.mode == 'eval':
-    metrics = train.evaluate_checkpoint(
+    per_member = train.evaluate_checkpoint(
       FLAGS.config,
       FLAGS.workdir,
       FLAGS.checkpoint_step,
       allow_config_change=FLAGS.allow_config_change,
     )
-    print(' '.join(f'{k}={_number(v)}' for k, v in metrics.items()))
+    for metrics in per_member:
+      print(' '.join(f'{k}={_number(v)}' for k, v in metrics.items()))
   else:
     if FLAGS.checkpoint_step is not None:
       raise UserError('--checkpoint_step is for --mode=eval; training resumes from the latest.')

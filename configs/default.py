@@ -55,6 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Bookkeeping.
   c.seed = 0
+  # A stack of runs trained as one program (resnet_jax.stack): one entry per member, or
+  # () for the run's own value; e.g. stack_seeds=(0, 1) with stack_residual=(False, True).
+  c.stack_seeds = ()
+  c.stack_residual = ()
+  c.stack_lr_scale = ()
+  c.stack_method = 'auto'  # 'vmap' | 'unroll' | 'auto': unroll on CPUs, vmap on accelerators
   c.log_every_steps = 100
   c.eval_every_steps = -1  # -1: once per epoch
   c.checkpoint_every_steps = 1000

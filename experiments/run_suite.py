@@ -1,9 +1,12 @@
 """Run a named ablation suite: one `python main.py ...` subprocess per run and seed.
 
     python experiments/run_suite.py --suite=cifar10_degradation --workdir=DIR \\
-        [--depths=20,56] [--seeds=3] [--steps_scale=0.1] [--set FIELD=VALUE ...] [--dry_run]
+        [--depths=20,56] [--seeds=3] [--steps_scale=0.1] [--set FIELD=VALUE ...] [--stack]
+        [--dry_run]
 
-Each run trains in DIR/<run>/seed<k> (with --config.seed=k) and leaves there its command
+Each run trains in DIR/<run>/seed<k> (with --config.seed=k); with --stack, the runs that
+can share a program train as one stacked run in DIR/stacks/<runs> and DIR/<run>/seed<k>
+links to its member's directory. Each program leaves in its directory its command
 line (command.txt), its console log (log.txt) and, after a successful exit, DONE (a JSON
 with the command, the time taken and the date). A rerun skips DONE runs and resumes the
 others from their checkpoints; a failing run leaves FAILED (exit code and the end of its
@@ -78,11 +81,36 @@ def read_json(path: str) -> dict:
     return json.load(f)
 
 
+def link_members(job: suites.Job, workdir: str) -> None:
+  """WORKDIR/<run>/seed<k> -> the stack member's directory, for each member of `job`.
+
+  A seed directory left by an unstacked run is not replaced: that is a UserError.
+  """
+  for run_dir, member_dir in job.members:
+    link = os.path.join(workdir, run_dir)
+    target = os.path.relpath(os.path.join(workdir, member_dir), os.path.dirname(link))
+    if os.path.islink(link) and os.readlink(link) == target:
+      continue
+    if os.path.lexists(link):
+      raise UserError(
+        f'{link} exists and is not the link to its stack member; it holds an unstacked '
+        'run: use another --workdir, or run this suite without --stack.'
+      )
+    os.makedirs(os.path.join(workdir, member_dir), exist_ok=True)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(target, link)
+
+
 def run_job(job: suites.Job, workdir: str, runner: Runner = subprocess_runner) -> str:
-  """Trains one job unless DONE; returns 'ok', 'failed' or 'skipped'."""
+  """Trains one job unless DONE; returns 'ok', 'failed' or 'skipped'.
+
+  A stacked job's DONE is also written in each member's directory (with the time of the
+  whole program), so report.py finds every run finished.
+  """
   run_dir = os.path.join(workdir, job.directory)
   if os.path.exists(os.path.join(run_dir, DONE_FILE)):
     return 'skipped'
+  link_members(job, workdir)
   os.makedirs(run_dir, exist_ok=True)
   line = shlex.join(job.command)
   _write(os.path.join(run_dir, COMMAND_FILE), line + '\n')
@@ -100,7 +128,10 @@ def run_job(job: suites.Job, workdir: str, runner: Runner = subprocess_runner) -
     'seconds': seconds,
     'finished': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
   }
-  _write(os.path.join(run_dir, DONE_FILE), json.dumps(done, indent=1) + '\n')
+  if job.members:
+    done['stack'] = {'directory': job.directory, 'members': len(job.members)}
+  for directory in [job.directory, *(member for _, member in job.members)]:
+    _write(os.path.join(workdir, directory, DONE_FILE), json.dumps(done, indent=1) + '\n')
   return 'ok'
 
 
@@ -166,6 +197,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     metavar='FIELD=VALUE',
     help='Config overrides for every run (main.py --config.FIELD=VALUE).',
   )
+  parser.add_argument(
+    '--stack',
+    action='store_true',
+    help='Train the runs that can share a program (seeds; plain/residual twins with '
+    'option-A shortcuts) as one stacked run each (resnet_jax.stack).',
+  )
   parser.add_argument('--dry_run', action='store_true', help='Print the commands; run nothing.')
   return parser.parse_args(argv)
 
@@ -176,13 +213,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   workdir = os.path.abspath(args.workdir)
   try:
     runs = suites.select_runs(suite, args.depths)
-    jobs = suites.expand(runs, workdir, args.seeds, args.steps_scale, suites.parse_sets(args.set))
+    expand = suites.expand_stacked if args.stack else suites.expand
+    jobs = expand(runs, workdir, args.seeds, args.steps_scale, suites.parse_sets(args.set))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   if args.dry_run:
     print('\n'.join(shlex.join(job.command) for job in jobs))
     return
+  try:
+    for job in jobs:
+      link_members(job, workdir)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   write_manifest(workdir, args.suite, suite, runs, args.seeds, args.steps_scale)
   results = run_jobs(jobs, workdir)
   print(summary(results))

@@ -16,7 +16,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from resnet_jax import data, optim
+from resnet_jax import datasets, models, optim
 from resnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,10 +62,16 @@ class Suite:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One run with one seed: its directory (relative to the suite's workdir) and command."""
+  """One program: its directory (relative to the suite's workdir) and command.
+
+  A plain job trains one run with one seed. A stacked job trains several (resnet_jax.stack);
+  `members` maps each run's seed directory to its member's directory, both relative to
+  the suite's workdir, so the layout report.py reads is the same either way.
+  """
 
   directory: str
   command: tuple[str, ...]  # run from the repository root
+  members: tuple[tuple[str, str], ...] = ()  # (run/seed<k>, stacks/<group>/<member>)
 
 
 # The config file of each dataset's nets ({kind}: resnet or plain).
@@ -185,7 +191,7 @@ def scale_steps(config: ml_collections.ConfigDict, scale: float) -> dict[str, An
   together, so a shortened run keeps the schedule's shape (e.g. decays at 50% and 75%)
   and the number of points on its curves. Counts given in epochs are converted first.
   """
-  per_epoch = data.steps_per_epoch(config)
+  per_epoch = datasets.steps_per_epoch(config)
   total = (
     config.num_train_steps
     if config.num_train_steps > 0
@@ -257,4 +263,77 @@ def expand(
         *run_flags,
       )
       jobs.append(Job(directory, command))
+  return jobs
+
+
+def _stack_key(config: ml_collections.ConfigDict) -> tuple[str, bool, str]:
+  """(what must be equal to share a program, whether the net is residual, its shortcut).
+
+  Runs stack when their whole configs agree but for the seed and the model's `residual`
+  switch (a plain net and its twin); the net is compared by its fields, not its name.
+  """
+  fields = {**models.ARCHITECTURES[config.model]}
+  fields.update({k: v for k, v in config.model_overrides.items() if v is not None})
+  residual = bool(fields.pop('residual', True))
+  rest = {
+    k: v for k, v in config.to_dict().items() if k not in ('model', 'model_overrides', 'seed')
+  }
+  key = repr(sorted({**rest, 'net': sorted(fields.items(), key=str)}.items(), key=str))
+  return key, residual, str(fields.get('shortcut', 'B'))
+
+
+def stack_groups(
+  runs: Sequence[Run], steps_scale: float, sets: Mapping[str, str]
+) -> list[list[Run]]:
+  """The runs grouped into stacks: equal configs but for `residual`, whose plain and
+  residual nets share parameter shapes (option-A shortcuts); in the suite's order."""
+  groups: dict[tuple[str, ...], list[Run]] = {}
+  for run in runs:
+    config = load_config(run.config, run_overrides(run, steps_scale, sets))
+    key, residual, shortcut = _stack_key(config)
+    # Plain and residual twins share parameters only with option A; otherwise apart.
+    groups.setdefault((key,) if shortcut == 'A' else (key, str(residual)), []).append(run)
+  return list(groups.values())
+
+
+def expand_stacked(
+  runs: Sequence[Run],
+  workdir: str,
+  seeds: int = 1,
+  steps_scale: float = 1.0,
+  sets: Mapping[str, str] | None = None,
+) -> list[Job]:
+  """One Job per group of stackable runs (`stack_groups`), each seed of each run a member.
+
+  The stack trains in WORKDIR/stacks/<first run name>[+...]; each member's directory is
+  what WORKDIR/<run name>/seed<k> links to.
+  """
+  if seeds < 1 or steps_scale <= 0:
+    raise UserError(f'need seeds >= 1 and steps_scale > 0 (got {seeds}, {steps_scale}).')
+  workdir, sets = os.path.abspath(workdir), sets or {}
+  jobs = []
+  for group in stack_groups(runs, steps_scale, sets):
+    base = next((r for r in group if r.residual), group[0])
+    members = [(r, k) for r in group for k in range(seeds)]
+    directory = os.path.join('stacks', '+'.join(r.name for r in group))
+    stack_flags = [
+      f'--config.stack_seeds={format_value(tuple(k for _, k in members))}',
+      f'--config.stack_residual={format_value(tuple(r.residual for r, _ in members))}',
+    ]
+    command = (
+      sys.executable,
+      'main.py',
+      f'--config={base.config}',
+      f'--workdir={os.path.join(workdir, directory)}',
+      *override_flags(run_overrides(base, steps_scale, sets)),
+      *stack_flags,
+    )
+    links = tuple(
+      (
+        os.path.join(r.name, f'seed{k}'),
+        os.path.join(directory, f'{"resnet" if r.residual else "plain"}_seed{k}'),
+      )
+      for r, k in members
+    )
+    jobs.append(Job(directory, command, links))
   return jobs

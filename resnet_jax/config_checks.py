@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
-from resnet_jax import data, optim
+from resnet_jax import datasets, optim
 from resnet_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -54,7 +54,7 @@ def _steps(config: Any, field: str) -> None:
 
 def validate(config: Any) -> None:
   """Raise a UserError for the first config field that cannot be meant as given."""
-  spec = data.get_spec(config.dataset)  # unknown dataset: its own error
+  spec = datasets.get_spec(config.dataset)  # unknown dataset: its own error
   _int(config, 'batch_size', 1, 'positive')
   _int(config, 'eval_batch_size', 1, 'positive')
   _int(config, 'image_size', 1, 'positive')
@@ -93,8 +93,8 @@ def validate(config: Any) -> None:
   _choice(config, 'warmup', optim.WARMUPS)
   _choice(config, 'optimizer', optim.OPTIMIZERS)
   _choice(config, 'on_nonfinite_loss', NONFINITE_POLICIES)
-  _choice(config, 'normalize', data.NORMALIZATIONS)
-  _choice(config, 'train_augment', data.TRAIN_AUGMENTS)
+  _choice(config, 'normalize', datasets.NORMALIZATIONS)
+  _choice(config, 'train_augment', datasets.TRAIN_AUGMENTS)
   _int(config, 'bn_group_size', 0, '>= 0 (0: the global batch)')
   _int(config, 'log_every_steps', 1, 'positive')
   _int(config, 'eval_every_steps', 1, 'positive, or -1 for once per epoch', allowed=(-1,))

@@ -1,15 +1,21 @@
-"""The datasets, and the batches that feed training and evaluation.
+"""The batches that feed training and evaluation: one entry over every data source.
 
-Batches are global jax.Arrays sharded over the mesh's `data` axis. Training batches are a
-pure function of (seed, step), so a run resumes at any step without replaying data:
+`train_batches(config, mesh, start_step)` and `eval_batches(config, mesh)` read the
+config once (`DataOptions`) and pick the source:
 - synthetic data and device-resident MNIST/CIFAR are made on the devices
-  (`resnet_jax.device_data`), independent of the number of devices and processes;
-- MNIST/CIFAR from host memory and ImageNet-style JPEG datasets go through the host
-  pipeline (`resnet_jax.input_pipeline`, the only module that imports tensorflow; it is
-  imported lazily, so the model and benchmarks import this module without it). Their
-  batches do not depend on the device count; for the JPEG datasets, whose processes read
-  disjoint parts of the split, which examples form a batch depends on the process count.
-Images leave the host as uint8 and are normalised on the devices.
+  (resnet_jax.device_data);
+- MNIST/CIFAR from host memory (resnet_jax.memory_source: prepared TFDS data or .npz
+  archives, the same arrays either way);
+- ImageNet-style JPEG datasets through tf.data (resnet_jax.input_pipeline, the only
+  module that imports tensorflow; imported lazily).
+Batches are global jax.Arrays sharded over the mesh's `data` axis, and a pure function of
+(seed, step), so a run resumes at any step without replaying data. They do not depend on
+the device count; for the JPEG datasets, whose processes read disjoint parts of the split,
+which examples form a batch depends on the process count. Images leave the host as uint8
+and are normalised on the devices.
+
+A stack of runs (resnet_jax.stack) asks for the batches of several seeds at once: they
+come as [K, B, ...] arrays whose k-th member is exactly the single run's batch for seed k.
 """
 
 import collections
@@ -17,236 +23,206 @@ import dataclasses
 import functools
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_jax import device_data, sharding
+from resnet_jax import datasets, device_data, memory_source, sharding
+from resnet_jax.datasets import DatasetSpec
 from resnet_jax.errors import UserError
 
 Batch = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """A dataset: its TFDS name (None: made on the devices), splits, classes and sizes.
+class DataOptions:
+  """What the data layer needs from a config, checked once."""
 
-  image_shape is the native (H, W, C); datasets of photos of any size give the 224x224
-  that the model sees by default (they are cropped and resized to config.image_size).
-  """
+  spec: DatasetSpec
+  data_dir: str | None  # None: tfds' default (~/tensorflow_datasets)
+  batch_size: int
+  eval_batch_size: int
+  image_size: int
+  normalize: str
+  device_resident: bool
+  train_augment: str
+  shuffle_buffer: int
+  prefetch: int
 
-  name: str
-  tfds_name: str | None
-  train_split: str
-  eval_split: str
-  num_classes: int
-  num_train: int
-  num_eval: int
-  image_shape: tuple[int, int, int]
+  @property
+  def in_memory(self) -> bool:
+    return self.spec.name in datasets.IN_MEMORY
 
-
-DATASETS: dict[str, DatasetSpec] = {
-  s.name: s
-  for s in [
-    DatasetSpec(
-      'imagenet2012', 'imagenet2012', 'train', 'validation', 1000, 1_281_167, 50_000, (224, 224, 3)
-    ),
-    DatasetSpec('imagenette', 'imagenette', 'train', 'validation', 10, 9_469, 3_925, (224, 224, 3)),
-    DatasetSpec('cifar10', 'cifar10', 'train', 'test', 10, 50_000, 10_000, (32, 32, 3)),
-    DatasetSpec('cifar100', 'cifar100', 'train', 'test', 100, 50_000, 10_000, (32, 32, 3)),
-    DatasetSpec('mnist', 'mnist', 'train', 'test', 10, 60_000, 10_000, (28, 28, 1)),
-    DatasetSpec('fashion_mnist', 'fashion_mnist', 'train', 'test', 10, 60_000, 10_000, (28, 28, 1)),
-    # ImageNet-sized epochs keep schedules realistic; a small eval split keeps smoke runs fast.
-    DatasetSpec('synthetic', None, 'train', 'test', 1000, 1_281_167, 1_000, (224, 224, 3)),
-  ]
-}
-
-# Small enough to hold as numpy (and, optionally, on the devices); native image size.
-IN_MEMORY = frozenset({'mnist', 'fashion_mnist', 'cifar10', 'cifar100'})
-_CROP_FLIP = frozenset({'cifar10', 'cifar100'})  # the paper's CIFAR augmentation
-NORMALIZATIONS = ('per_channel', 'per_pixel_mean')
-TRAIN_AUGMENTS = ('inception', 'scale')
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+  @property
+  def crop_flip(self) -> bool:
+    return self.spec.name in datasets.CROP_FLIP
 
 
-def get_spec(name: str) -> DatasetSpec:
-  """The DatasetSpec called `name`; a UserError naming the known ones otherwise."""
-  if name not in DATASETS:
+def data_options(config: Any) -> DataOptions:
+  """The data fields of `config`; UserErrors for options that do not fit the dataset."""
+  spec = datasets.get_spec(config.dataset)
+  data_dir = config.data_dir or os.environ.get('TFDS_DATA_DIR')
+  options = DataOptions(
+    spec=spec,
+    data_dir=os.path.expanduser(data_dir) if data_dir else None,
+    batch_size=config.batch_size,
+    eval_batch_size=config.eval_batch_size,
+    image_size=config.image_size,
+    normalize=config.normalize,
+    device_resident=config.device_resident_data,
+    train_augment=config.train_augment,
+    shuffle_buffer=config.shuffle_buffer,
+    prefetch=config.prefetch_batches,
+  )
+  if spec.tfds_name is not None:
+    _check(options)
+  return options
+
+
+def _check(o: DataOptions) -> None:
+  name, in_memory = o.spec.name, ', '.join(sorted(datasets.IN_MEMORY))
+  if o.normalize not in datasets.NORMALIZATIONS:
     raise UserError(
-      f'unknown dataset {name!r}; set --config.dataset to one of: {", ".join(DATASETS)}.'
+      f'normalize={o.normalize!r} is unknown; set --config.normalize to one '
+      f'of: {", ".join(datasets.NORMALIZATIONS)}.'
     )
-  return DATASETS[name]
+  if o.normalize == 'per_pixel_mean' and not o.in_memory:
+    raise UserError(
+      f'normalize=per_pixel_mean needs a dataset held in memory ({in_memory}); for '
+      f'{name} set --config.normalize=per_channel.'
+    )
+  if o.device_resident and not o.in_memory:
+    raise UserError(
+      f'device_resident_data=True needs a small dataset ({in_memory}); for {name} set '
+      '--config.device_resident_data=False.'
+    )
+  if not o.in_memory and o.train_augment not in datasets.TRAIN_AUGMENTS:
+    raise UserError(
+      f'train_augment={o.train_augment!r} is unknown; set '
+      f'--config.train_augment to one of: {", ".join(datasets.TRAIN_AUGMENTS)}.'
+    )
+  if o.batch_size > o.spec.num_train:
+    raise UserError(
+      f'batch_size={o.batch_size} is larger than the {o.spec.num_train} '
+      f'training examples of {name}; lower --config.batch_size.'
+    )
 
 
-def input_shape(config: Any) -> tuple[int, int, int]:
-  """(H, W, C) of the images the model sees."""
-  spec = get_spec(config.dataset)
-  if spec.name in IN_MEMORY:
-    return spec.image_shape
-  return (config.image_size, config.image_size, spec.image_shape[-1])
-
-
-def steps_per_epoch(config: Any) -> int:
-  """Training steps in one pass over the train split (the last partial batch is dropped)."""
-  return max(1, get_spec(config.dataset).num_train // config.batch_size)
-
-
-def train_batches(config: Any, mesh: Mesh, start_step: int = 0) -> Iterator[Batch]:
+def train_batches(
+  config: Any, mesh: Mesh, start_step: int = 0, seeds: Sequence[int] | None = None
+) -> Iterator[Batch]:
   """Endless {'image': float32 [B, H, W, C], 'label': int32 [B]} global training batches.
 
   The k-th batch is the one of step start_step + k; B is config.batch_size (global).
   Augmentation: CIFAR pad-4 random crops and flips, MNIST none, JPEG datasets
-  config.train_augment; synthetic images are N(0, 1) noise.
+  config.train_augment; synthetic images are N(0, 1) noise. With `seeds` (a stack), the
+  arrays are [K, B, ...] and member k gets the batches of the run with seed seeds[k];
+  otherwise the run's seed is config.seed.
   """
-  spec = get_spec(config.dataset)
-  sharding.check_batch_divisible(config.batch_size, mesh)
-  if spec.tfds_name is None:
+  o = data_options(config)
+  sharding.check_batch_divisible(o.batch_size, mesh)
+  stacked = seeds is not None
+  seeds = tuple(seeds) if stacked else (config.seed,)
+  if o.spec.tfds_name is None:
     return device_data.synthetic_train_batches(
-      input_shape(config), spec.num_classes, config.batch_size, mesh, config.seed, start_step
+      datasets.input_shape(config), o.spec.num_classes, o.batch_size, mesh, seeds, stacked,
+      start_step,
+    )  # fmt: skip
+  mean, std = _normalization(o.spec, o.normalize, o.data_dir)
+  if o.device_resident:
+    images, labels = memory_source.load_split(o.spec, o.spec.train_split, o.data_dir)
+    return device_data.resident_train_batches(
+      images,
+      labels,
+      mean=mean,
+      std=std,
+      crop_flip=o.crop_flip,
+      batch_size=o.batch_size,
+      mesh=mesh,
+      seeds=seeds,
+      stacked=stacked,
+      start_step=start_step,
     )
-  _check_config(config, spec)
-  mean, std = _normalization(spec, config.normalize, _data_dir(config))
-  if config.device_resident_data:
-    return _resident_train_batches(config, spec, mesh, start_step, mean, std)
-  local = _host_train_batches(config, spec, mesh, start_step)
-  return _on_devices(local, mesh, mean, std, config.prefetch_batches)
+  members = [_host_train_batches(o, mesh, seed, start_step) for seed in seeds]
+  local = map(_stack, *members) if stacked else members[0]
+  return _on_devices(local, mesh, mean, std, o.prefetch, stacked)
 
 
-def _resident_train_batches(
-  config: Any, spec: DatasetSpec, mesh: Mesh, start_step: int, mean: np.ndarray, std: np.ndarray
-) -> Iterator[Batch]:
-  from resnet_jax import input_pipeline  # lazily: tensorflow only for real data
-
-  images, labels = input_pipeline.load_split(spec, spec.train_split, _data_dir(config))
-  return device_data.resident_train_batches(
-    images,
-    labels,
-    mean=mean,
-    std=std,
-    crop_flip=spec.name in _CROP_FLIP,
-    batch_size=config.batch_size,
-    mesh=mesh,
-    seed=config.seed,
-    start_step=start_step,
-  )
+def _stack(*batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 def _host_train_batches(
-  config: Any, spec: DatasetSpec, mesh: Mesh, start_step: int
+  o: DataOptions, mesh: Mesh, seed: int, start_step: int
 ) -> Iterator[dict[str, np.ndarray]]:
-  """This process's numpy part of each training batch."""
-  from resnet_jax import input_pipeline  # lazily: tensorflow only for real data
-
-  data_dir = _data_dir(config)
-  rows = sharding.process_batch_rows(config.batch_size, mesh)
-  if spec.name in IN_MEMORY:
-    images, labels = input_pipeline.load_split(spec, spec.train_split, data_dir)
-    return input_pipeline.memory_train_batches(
+  """This process's numpy part of each training batch of the run with `seed`."""
+  rows = sharding.process_batch_rows(o.batch_size, mesh)
+  if o.in_memory:
+    images, labels = memory_source.load_split(o.spec, o.spec.train_split, o.data_dir)
+    return memory_source.memory_train_batches(
       images,
       labels,
-      batch_size=config.batch_size,
+      batch_size=o.batch_size,
       rows=rows,
-      seed=config.seed,
-      crop_flip=spec.name in _CROP_FLIP,
+      seed=seed,
+      crop_flip=o.crop_flip,
       start_step=start_step,
     )
+  from resnet_jax import input_pipeline  # lazily: tensorflow only for file datasets
+
   return input_pipeline.file_train_batches(
-    spec,
-    data_dir,
-    image_size=config.image_size,
-    augment=config.train_augment,
-    shuffle_buffer=config.shuffle_buffer,
-    seed=config.seed,
+    o.spec,
+    o.data_dir,
+    image_size=o.image_size,
+    augment=o.train_augment,
+    shuffle_buffer=o.shuffle_buffer,
+    seed=seed,
     rows=rows,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    steps_per_epoch=steps_per_epoch(config),
+    steps_per_epoch=max(1, o.spec.num_train // o.batch_size),
     start_step=start_step,
   )
 
 
-def eval_batches(config: Any, mesh: Mesh) -> Iterator[Batch]:
+def eval_batches(config: Any, mesh: Mesh, with_index: bool = False) -> Iterator[Batch]:
   """One pass over the eval split: {'image', 'label', 'mask'} global batches.
 
   The batch is config.eval_batch_size rounded up to a multiple of the device count; the
   rows that pad the split have mask 0, so sum(mask) is the split's size for any batch
-  size and any number of devices or processes.
+  size and any number of devices or processes. `with_index` keeps each row's position in
+  the split (in-memory datasets), to check coverage.
   """
-  return _eval_batches(config, mesh, with_index=False)
-
-
-def _eval_batches(config: Any, mesh: Mesh, with_index: bool) -> Iterator[Batch]:
-  # with_index keeps 'index' (position in the split) for in-memory datasets, for tests.
-  spec = get_spec(config.dataset)
+  o = data_options(config)
   n = mesh.devices.size
-  batch_size = -(-config.eval_batch_size // n) * n
-  if spec.tfds_name is None:
+  batch_size = -(-o.eval_batch_size // n) * n
+  if o.spec.tfds_name is None:
     return device_data.synthetic_eval_batches(
-      input_shape(config), spec.num_classes, batch_size, spec.num_eval, mesh, config.seed
-    )
-  _check_config(config, spec)
-  from resnet_jax import input_pipeline  # lazily: tensorflow only for real data
-
-  data_dir = _data_dir(config)
-  mean, std = _normalization(spec, config.normalize, data_dir)
+      datasets.input_shape(config), o.spec.num_classes, batch_size, o.spec.num_eval, mesh,
+      config.seed,
+    )  # fmt: skip
+  mean, std = _normalization(o.spec, o.normalize, o.data_dir)
   rows = sharding.process_batch_rows(batch_size, mesh)
-  if spec.name in IN_MEMORY:
-    images, labels = input_pipeline.load_split(spec, spec.eval_split, data_dir)
-    local = input_pipeline.memory_eval_batches(images, labels, batch_size=batch_size, rows=rows)
+  if o.in_memory:
+    images, labels = memory_source.load_split(o.spec, o.spec.eval_split, o.data_dir)
+    local = memory_source.memory_eval_batches(images, labels, batch_size=batch_size, rows=rows)
     if not with_index:
       local = ({k: v for k, v in b.items() if k != 'index'} for b in local)
   else:
+    from resnet_jax import input_pipeline  # lazily: tensorflow only for file datasets
+
     local = input_pipeline.file_eval_batches(
-      spec,
-      data_dir,
-      image_size=config.image_size,
+      o.spec,
+      o.data_dir,
+      image_size=o.image_size,
       batch_size=len(rows),
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
-  return _on_devices(local, mesh, mean, std, config.prefetch_batches)
-
-
-def _check_config(config: Any, spec: DatasetSpec) -> None:
-  """UserErrors for data options that do not fit `spec`."""
-  if config.normalize not in NORMALIZATIONS:
-    raise UserError(
-      f'normalize={config.normalize!r} is unknown; set --config.normalize to one '
-      f'of: {", ".join(NORMALIZATIONS)}.'
-    )
-  in_memory = spec.name in IN_MEMORY
-  if config.normalize == 'per_pixel_mean' and not in_memory:
-    raise UserError(
-      f'normalize=per_pixel_mean needs a dataset held in memory '
-      f'({", ".join(sorted(IN_MEMORY))}); for {spec.name} set '
-      '--config.normalize=per_channel.'
-    )
-  if config.device_resident_data and not in_memory:
-    raise UserError(
-      f'device_resident_data=True needs a small dataset '
-      f'({", ".join(sorted(IN_MEMORY))}); for {spec.name} set '
-      '--config.device_resident_data=False.'
-    )
-  if not in_memory and config.train_augment not in TRAIN_AUGMENTS:
-    raise UserError(
-      f'train_augment={config.train_augment!r} is unknown; set '
-      f'--config.train_augment to one of: {", ".join(TRAIN_AUGMENTS)}.'
-    )
-  if config.batch_size > spec.num_train:
-    raise UserError(
-      f'batch_size={config.batch_size} is larger than the {spec.num_train} '
-      f'training examples of {spec.name}; lower --config.batch_size.'
-    )
-
-
-def _data_dir(config: Any) -> str | None:
-  """config.data_dir, else $TFDS_DATA_DIR, else None (tfds' default, ~/tensorflow_datasets)."""
-  data_dir = config.data_dir or os.environ.get('TFDS_DATA_DIR')
-  return os.path.expanduser(data_dir) if data_dir else None
+  return _on_devices(local, mesh, mean, std, o.prefetch)
 
 
 @functools.lru_cache(maxsize=4)
@@ -259,11 +235,9 @@ def _normalization(
   per_pixel_mean (the paper's CIFAR input): the train split's mean image, divided by the
   std of all its pixels so inputs keep unit scale.
   """
-  if spec.name not in IN_MEMORY:
-    return IMAGENET_MEAN, IMAGENET_STD
-  from resnet_jax import input_pipeline  # lazily: tensorflow only for real data
-
-  images, _ = input_pipeline.load_split(spec, spec.train_split, data_dir)
+  if spec.name not in datasets.IN_MEMORY:
+    return datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
+  images, _ = memory_source.load_split(spec, spec.train_split, data_dir)
   mean, mean_square = _pixel_moments(images)
   if normalize == 'per_pixel_mean':
     std = np.sqrt(mean_square.mean() - mean.mean() ** 2)
@@ -289,14 +263,15 @@ def _on_devices(
   mean: np.ndarray,
   std: np.ndarray,
   prefetch: int,
+  stacked: bool = False,
 ) -> Iterator[Batch]:
   """Global arrays from each process's numpy parts, normalised on the devices, prefetched."""
-  normalize = device_data.batch_jit(device_data.normalize, mesh)
+  normalize = device_data.batch_jit(device_data.normalize, mesh, stacked=stacked)
   replicated = sharding.replicated(mesh)
   mean, std = (jax.make_array_from_process_local_data(replicated, x) for x in (mean, std))
 
   def to_devices(batch: dict[str, np.ndarray]) -> Batch:
-    batch = sharding.to_global_batch(batch, mesh)
+    batch = sharding.to_global_batch(batch, mesh, stacked)
     return {**batch, 'image': normalize(batch['image'], mean, std)}
 
   return _prefetch(map(to_devices, local), prefetch)

@@ -8,7 +8,7 @@ bits however the output is sharded, so batches do not depend on the number of de
 
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -43,12 +43,20 @@ def pad_crop_flip(key: jax.Array, images: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def batch_jit(fn: Callable, mesh: Mesh, **static: Any) -> Callable:
+def batch_jit(
+  fn: Callable, mesh: Mesh, stacked: bool = False, per_seed: bool = False, **static: Any
+) -> Callable:
   """`fn` with `static` bound, jitted to batch-sharded outputs.
 
-  Cached, so the pipelines made again for each evaluation reuse the compiled code.
+  `stacked`: outputs are [K, B, ...] (a stack of runs), sharded on B; with `per_seed`,
+  fn(step, seed, *rest) is mapped over a [K] array of seeds, so member k's batch is
+  bit for bit the single run's. Cached, so the pipelines made again for each evaluation
+  reuse the compiled code.
   """
-  jitted = jax.jit(functools.partial(fn, **static), out_shardings=sharding.batch_sharding(mesh))
+  fn = functools.partial(fn, **static)
+  if stacked and per_seed:
+    fn = _per_seed(fn)
+  jitted = jax.jit(fn, out_shardings=sharding.batch_sharding(mesh, stacked))
   if mesh.devices.size == 1 or mesh.devices.flat[0].platform != 'cpu':
     return jitted
   # XLA:CPU with several devices on few cores deadlocks when a program with collectives
@@ -58,20 +66,45 @@ def batch_jit(fn: Callable, mesh: Mesh, **static: Any) -> Callable:
   return lambda *args: jax.block_until_ready(jitted(*args))
 
 
+def _per_seed(fn: Callable) -> Callable:
+  """fn(step, seed, *rest) -> fn mapped over a [K] array of seeds (a stack's batches)."""
+
+  def mapped(step: jax.Array, seeds: jax.Array, *rest: jax.Array) -> Batch:
+    return jax.vmap(lambda seed: fn(step, seed, *rest))(seeds)
+
+  return mapped
+
+
+def _seed_arg(seeds: Sequence[int], stacked: bool) -> np.ndarray:
+  return np.asarray(seeds if stacked else seeds[0], np.int32)
+
+
 def synthetic_train_batches(
   shape: tuple[int, int, int],
   num_classes: int,
   batch_size: int,
   mesh: Mesh,
-  seed: int,
+  seeds: Sequence[int],
+  stacked: bool = False,
   start_step: int = 0,
 ) -> Iterator[Batch]:
-  """Endless random {'image': N(0, 1), 'label'} batches; the k-th is that of step start_step + k."""
+  """Endless random {'image': N(0, 1), 'label'} batches; the k-th is that of step start_step + k.
+
+  `seeds`: one seed, or with `stacked` one per member ([K, B, ...] batches).
+  """
   make = batch_jit(
-    _synthetic_batch, mesh, shape=shape, num_classes=num_classes, batch_size=batch_size, stream=0
+    _synthetic_batch,
+    mesh,
+    stacked,
+    per_seed=True,
+    shape=shape,
+    num_classes=num_classes,
+    batch_size=batch_size,
+    stream=0,
   )
+  seed = _seed_arg(seeds, stacked)
   for step in itertools.count(start_step):
-    yield make(np.int32(step), np.int32(seed))
+    yield make(np.int32(step), seed)
 
 
 def synthetic_eval_batches(
@@ -130,13 +163,15 @@ def resident_train_batches(
   crop_flip: bool,
   batch_size: int,
   mesh: Mesh,
-  seed: int,
+  seeds: Sequence[int],
+  stacked: bool = False,
   start_step: int = 0,
 ) -> Iterator[Batch]:
   """Training batches from a uint8 split held (replicated) in device memory.
 
   Each step gathers its examples from a per-epoch permutation and crops, flips and
   normalises them on the devices, so the host only dispatches one jitted call per step.
+  `seeds`: one seed, or with `stacked` one per member ([K, B, ...] batches).
   """
   replicated = sharding.replicated(mesh)
   # Every process passes the same full arrays: that is what a replicated global array needs.
@@ -144,9 +179,12 @@ def resident_train_batches(
     jax.make_array_from_process_local_data(replicated, np.asarray(x))
     for x in (images, labels.astype(np.int32), mean, std)
   ]
-  make = batch_jit(_resident_batch, mesh, batch_size=batch_size, crop_flip=crop_flip)
+  make = batch_jit(
+    _resident_batch, mesh, stacked, per_seed=True, batch_size=batch_size, crop_flip=crop_flip
+  )
+  seed = _seed_arg(seeds, stacked)
   for step in itertools.count(start_step):
-    yield make(np.int32(step), np.int32(seed), *data)
+    yield make(np.int32(step), seed, *data)
 
 
 def _resident_batch(

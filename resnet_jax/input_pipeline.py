@@ -1,18 +1,17 @@
-"""The host side of the input: reading TFDS datasets, decoding and augmenting on the CPU.
+"""Prepared TFDS datasets on the host: reading, decoding and augmenting with tf.data.
 
-The only module that imports tensorflow / tensorflow_datasets (`resnet_jax.data` imports
-it lazily). Everything here yields this process's part of each global batch as numpy
-arrays with uint8 images; `resnet_jax.data` assembles the global arrays and normalises on
+The only module that imports tensorflow / tensorflow_datasets; resnet_jax.data and
+resnet_jax.memory_source import it lazily, so machines without tensorflow train from
+device-made or .npz data. It yields this process's part of each global batch as numpy
+arrays with uint8 images; resnet_jax.data assembles the global arrays and normalises on
 the devices, which sends a quarter of the bytes a float32 image would.
 
-Two kinds of sources:
-- in memory (MNIST, CIFAR): the whole split as numpy; the global batch of step s is a
-  fixed slice of a per-epoch permutation and its augmentation draws from (seed, step), so
-  batches are a pure function of (seed, step) whatever the number of processes or devices;
-- files (ImageNet, Imagenette): each process reads its own contiguous part of the split
-  (`process_split`), shuffles it per epoch with a seed from (seed, epoch) and skips within
-  the epoch to resume. Which examples make up a batch therefore depends on the number of
-  processes (not on the number of devices); augmentation depends only on (seed, step, row).
+It reads whole splits for the in-memory datasets (`load_split`, ordered and batched by
+resnet_jax.memory_source) and streams the file datasets (ImageNet, Imagenette): each
+process reads its own contiguous part of the split (`process_split`), shuffles it per
+epoch with a seed from (seed, epoch) and skips within the epoch to resume. Which examples
+make up a batch therefore depends on the number of processes (not on the number of
+devices); augmentation depends only on (seed, step, row).
 """
 
 import contextlib
@@ -28,13 +27,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
-from resnet_jax.data import DatasetSpec
+from resnet_jax.datasets import DatasetSpec
 from resnet_jax.errors import UserError
 
 # TF only feeds the host pipeline; left to itself it would take GPU memory from jax.
 tf.config.set_visible_devices([], 'GPU')
 
-CROP_PAD = 4  # CIFAR: pad 4 pixels each side, random crop of the original size (the paper)
 AREA_RANGE = (0.08, 1.0)  # Inception-style random-resized crop
 ASPECT_RANGE = (3 / 4, 4 / 3)
 SCALE_RANGE = (256, 480)  # the paper's shorter side, for 224 crops
@@ -169,78 +167,13 @@ def _guarded(batches: Iterator[Batch], spec: DatasetSpec, data_dir: str | None) 
     yield from batches
 
 
-@functools.lru_cache(maxsize=8)
 def load_split(
   spec: DatasetSpec, split: str, data_dir: str | None
 ) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split as (uint8 images [N, H, W, C], int32 labels [N]), in the stored order."""
+  """A whole prepared split as (uint8 images [N, H, W, C], int32 labels [N]), in TFDS's order."""
   with _reading(spec, data_dir):
     arrays = tfds.as_numpy(_read(spec, data_dir, split, batch_size=-1))
   return arrays['image'], arrays['label'].astype(np.int32)
-
-
-# In-memory datasets.
-
-
-def memory_train_batches(
-  images: np.ndarray,
-  labels: np.ndarray,
-  *,
-  batch_size: int,
-  rows: np.ndarray,
-  seed: int,
-  crop_flip: bool,
-  start_step: int = 0,
-) -> Iterator[Batch]:
-  """Endless training batches: rows `rows` of the global batch of each step from start_step.
-
-  The global batch of step s is slice s % steps_per_epoch of the permutation of epoch
-  s // steps_per_epoch (the last partial batch of an epoch is dropped); crops and flips
-  are drawn for the whole global batch, so a process's part does not depend on the others.
-  """
-  steps_per_epoch = len(images) // batch_size
-  start_epoch, first = divmod(start_step, steps_per_epoch)
-  for epoch in itertools.count(start_epoch):
-    # Tags 0 and 1 keep the order and augmentation streams apart for equal epoch and step.
-    order = np.random.default_rng([seed, 0, epoch]).permutation(len(images))
-    for position in range(first if epoch == start_epoch else 0, steps_per_epoch):
-      index = order[position * batch_size : (position + 1) * batch_size][rows]
-      batch = images[index]
-      if crop_flip:
-        rng = np.random.default_rng([seed, 1, epoch * steps_per_epoch + position])
-        offsets = rng.integers(0, 2 * CROP_PAD + 1, (batch_size, 2))[rows]
-        flips = (rng.random(batch_size) < 0.5)[rows]
-        batch = pad_crop_flip(batch, offsets, flips)
-      yield {'image': batch, 'label': labels[index]}
-
-
-def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> np.ndarray:
-  """Zero-pad CROP_PAD pixels, crop at `offsets` [B, 2] to the original size, flip where `flips`."""
-  b, h, w, _ = images.shape
-  pads = ((0, 0), (CROP_PAD, CROP_PAD), (CROP_PAD, CROP_PAD), (0, 0))
-  windows = np.lib.stride_tricks.sliding_window_view(np.pad(images, pads), (h, w), axis=(1, 2))
-  crops = windows[np.arange(b), offsets[:, 0], offsets[:, 1]].transpose(0, 2, 3, 1)
-  return np.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
-
-
-def memory_eval_batches(
-  images: np.ndarray, labels: np.ndarray, *, batch_size: int, rows: np.ndarray
-) -> Iterator[Batch]:
-  """One pass in order; rows past the end repeat the last example with mask 0.
-
-  Also yields 'index', each row's position in the split, so coverage can be checked.
-  """
-  n = len(images)
-  for start in range(0, n, batch_size):
-    index = start + rows
-    mask = index < n
-    index = np.minimum(index, n - 1)
-    yield {
-      'image': images[index],
-      'label': labels[index],
-      'mask': mask.astype(np.float32),
-      'index': index,
-    }
 
 
 # File datasets: JPEGs decoded and augmented by tf.data.

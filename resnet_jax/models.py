@@ -111,12 +111,12 @@ class BasicBlock(nn.Module):
   zero_init_last_bn: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, shortcut_gate: jax.Array | None = None) -> jax.Array:
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.filters, (3, 3), name='conv2')(y)
     y = _last_norm(self, 'bn2')(y)
-    return _join(self, x, y)
+    return _join(self, x, y, shortcut_gate)
 
 
 class BottleneckBlock(nn.Module):
@@ -137,7 +137,7 @@ class BottleneckBlock(nn.Module):
   expansion: int = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, shortcut_gate: jax.Array | None = None) -> jax.Array:
     s = (self.strides, self.strides)
     y = self.conv(self.filters, (1, 1), s if self.stride_in_1x1 else (1, 1), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
@@ -145,7 +145,7 @@ class BottleneckBlock(nn.Module):
     y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(self.filters * self.expansion, (1, 1), name='conv3')(y)
     y = _last_norm(self, 'bn3')(y)
-    return _join(self, x, y)
+    return _join(self, x, y, shortcut_gate)
 
 
 def _last_norm(block: nn.Module, name: str) -> nn.Module:
@@ -155,10 +155,16 @@ def _last_norm(block: nn.Module, name: str) -> nn.Module:
   return block.norm(name=name)
 
 
-def _join(block: nn.Module, x: jax.Array, y: jax.Array) -> jax.Array:
-  """relu(y + shortcut(x)) for a residual block, relu(y) for its plain twin."""
+def _join(block: nn.Module, x: jax.Array, y: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+  """relu(y + shortcut(x)) for a residual block, relu(y) for its plain twin.
+
+  A `gate` (0 or 1, possibly traced) multiplies the shortcut: a stack of twins that differ
+  only in `residual` runs one program, each member with its own gate. y + 0 * s is y
+  exactly, and no gradient reaches x through a zero gate.
+  """
   if block.residual:
-    y = y + _shortcut(x, y.shape[-1], block.strides, block.shortcut, block.conv, block.norm)
+    s = _shortcut(x, y.shape[-1], block.strides, block.shortcut, block.conv, block.norm)
+    y = y + (s if gate is None else s * gate.astype(s.dtype))
   return nn.relu(y)
 
 
@@ -206,7 +212,10 @@ class ResNet(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, train: bool = True, shortcut_gate: jax.Array | None = None
+  ) -> jax.Array:
+    """Logits for images `x`; `shortcut_gate` (a scalar, 0 or 1) scales every shortcut."""
     conv = functools.partial(
       _Conv,
       use_bias=False,
@@ -239,7 +248,7 @@ class ResNet(nn.Module):
           shortcut=self.shortcut,
           zero_init_last_bn=self.zero_init_last_bn,
           name=f'stage{i + 1}_block{j + 1}',
-        )(x)
+        )(x, shortcut_gate)
       self.sow('intermediates', f'stage{i + 1}', x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)

@@ -22,9 +22,16 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the data axis, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """Batch axis split over the data axis, the rest replicated.
+
+  The batch axis leads, or with `stacked` ([K, B, ...] batches of a stack of runs)
+  follows the member axis, which is replicated: every device holds its rows of every
+  member's batch, so members share the devices as a single run does.
+  """
+  return NamedSharding(
+    mesh, PartitionSpec(None, DATA_AXIS) if stacked else PartitionSpec(DATA_AXIS)
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -62,7 +69,9 @@ def process_batch_rows(global_batch: int, mesh: Mesh) -> np.ndarray:
   return np.unique(np.concatenate([np.arange(*s[0].indices(global_batch)) for s in slices]))
 
 
-def to_global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def to_global_batch(
+  local: dict[str, np.ndarray], mesh: Mesh, stacked: bool = False
+) -> dict[str, jax.Array]:
   """Assemble each process's part of a batch into global arrays sharded on `data`."""
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, stacked)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from resnet_jax import config_checks, data, models, optim, sharding
+from resnet_jax import config_checks, data, datasets, models, optim, sharding, stack
 from resnet_jax import train_step as ts
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpointing import Checkpoints
@@ -46,13 +47,43 @@ class Setup:
   input_shape: tuple[int, int, int]
   steps_per_epoch: int
   total_steps: int
+  members: list[stack.Member] | None  # None: a single run; else the stack's members
+  stack_method: str = 'auto'
+
+  def create_state(self, seed: int) -> ts.TrainState:
+    """The initial state: from `seed`, or each member's from its own seed."""
+    if self.members is None:
+      return ts.create_train_state(self.model, self.tx, self.input_shape, seed, self.mesh)
+    return stack.create_state(self.model, self.tx, self.input_shape, self.members, self.mesh)
+
+  def abstract_state(self) -> ts.TrainState:
+    if self.members is None:
+      return ts.abstract_train_state(self.model, self.tx, self.input_shape, self.mesh)
+    return stack.abstract_state(self.model, self.tx, self.input_shape, self.members, self.mesh)
+
+  def eval_step(self):
+    if self.members is None:
+      return ts.make_eval_step(self.model, self.mesh)
+    return stack.make_eval_step(self.model, self.mesh, self.members, self.stack_method)
+
+  def evaluate(self, eval_step, state: ts.TrainState, batches) -> list[dict[str, float]]:
+    """Eval metrics per member (one entry for a single run)."""
+    if self.members is None:
+      return [ts.evaluate(eval_step, state, batches)]
+    return stack.evaluate(eval_step, state, batches, len(self.members))
+
+  def member_dirs(self, workdir: str) -> list[str]:
+    """Where each member's metrics go: the workdir itself for a single run."""
+    if self.members is None:
+      return [workdir]
+    return [os.path.join(workdir, m.name) for m in self.members]
 
 
 def build(config: Any, mesh: Mesh | None = None) -> Setup:
   """Validate the config and build the model, optimizer and schedule for this mesh."""
   config_checks.validate(config)
   mesh = sharding.make_mesh() if mesh is None else mesh
-  spec = data.get_spec(config.dataset)
+  spec = datasets.get_spec(config.dataset)
   sharding.check_batch_divisible(config.batch_size, mesh)
   sharding.check_batch_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
   overrides = {
@@ -62,7 +93,12 @@ def build(config: Any, mesh: Mesh | None = None) -> Setup:
     **{k: v for k, v in config.model_overrides.items() if v is not None},
   }
   model = models.build_model(config.model, **overrides)
-  steps_per_epoch = data.steps_per_epoch(config)
+  input_shape = datasets.input_shape(config)
+  members = None
+  if stack.is_stacked(config):
+    members = stack.members(config, model.residual)
+    model = stack.stack_model(model, members, input_shape)
+  steps_per_epoch = datasets.steps_per_epoch(config)
   total = (
     config.num_train_steps
     if config.num_train_steps > 0
@@ -70,18 +106,16 @@ def build(config: Any, mesh: Mesh | None = None) -> Setup:
   )
   tx, schedule = optim.create_optimizer(config, steps_per_epoch, total)
   data.eval_batches(config, mesh)  # raises now, before any work, if the data is missing
-  return Setup(mesh, model, tx, schedule, data.input_shape(config), steps_per_epoch, total)
+  method = stack.resolve_method(config.stack_method, mesh)
+  return Setup(mesh, model, tx, schedule, input_shape, steps_per_epoch, total, members, method)
 
 
 def restore_or_create(
   setup: Setup, checkpoints: Checkpoints, seed: int, step: int | None = None
 ) -> ts.TrainState:
   """The latest good checkpoint's state on this mesh, or a fresh one from `seed`."""
-  abstract = ts.abstract_train_state(setup.model, setup.tx, setup.input_shape, setup.mesh)
-  state = checkpoints.restore(abstract, step)
-  if state is None:
-    state = ts.create_train_state(setup.model, setup.tx, setup.input_shape, seed, setup.mesh)
-  return state
+  state = checkpoints.restore(setup.abstract_state(), step)
+  return setup.create_state(seed) if state is None else state
 
 
 class _Preemption:
@@ -111,9 +145,17 @@ def _every(step: int, interval: int, total: int) -> bool:
   return step == total or (interval > 0 and step % interval == 0)
 
 
-def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  stacked = jax.device_get(pending)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+def _member_means(pending: list[dict[str, Any]], num_members: int) -> list[dict[str, float]]:
+  """Each member's metrics averaged over the pending steps (a stack's are [K] arrays)."""
+  fetched = jax.device_get(pending)
+  means = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
+  return [
+    {k: float(v if v.ndim == 0 else v[i]) for k, v in means.items()} for i in range(num_members)
+  ]
+
+
+def _across_members(rows: list[dict[str, float]], key: str) -> float:
+  return float(np.mean([r[key] for r in rows]))
 
 
 def train_and_evaluate(
@@ -122,35 +164,42 @@ def train_and_evaluate(
   """Train `config` in `workdir` to its last step (resuming if possible); returns the state.
 
   A workdir made by another config is refused (see resnet_jax.workdir) unless the fields
-  that differ are named in `allow_config_change`.
+  that differ are named in `allow_config_change`. A stack (resnet_jax.stack) keeps its
+  checkpoints in `workdir` and each member's metrics in WORKDIR/<member name>.
   """
   setup = build(config, mesh)
   workdir_lib.prepare(workdir)
   workdir_lib.check_and_record(config, workdir, allow_config_change)
   is_writer = jax.process_index() == 0
-  with contextlib.ExitStack() as stack:
+  with contextlib.ExitStack() as exits:
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    stack.callback(checkpoints.close)
+    exits.callback(checkpoints.close)
     state = restore_or_create(setup, checkpoints, config.seed)
     start = int(state.step)
     log_window = _restored_log_window(checkpoints, start)
-    if is_writer:
-      truncate_metrics(workdir, start)
-    writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, is_writer)))
-    console = stack.enter_context(
-      contextlib.closing(Console(setup.total_steps, config.batch_size, is_writer))
+    writers = []
+    for member_dir in setup.member_dirs(workdir):
+      if is_writer:
+        truncate_metrics(member_dir, start)
+      writers.append(exits.enter_context(contextlib.closing(MetricWriter(member_dir, is_writer))))
+    images_per_step = config.batch_size * len(writers)
+    console = exits.enter_context(
+      contextlib.closing(Console(setup.total_steps, images_per_step, is_writer))
     )
     log.info(
-      'model %s, %d parameters, %d steps (%d per epoch), starting at step %d',
+      'model %s%s, %d parameters, %d steps (%d per epoch), starting at step %d',
       config.model,
+      f' x {len(writers)} members ({", ".join(m.name for m in setup.members)})'
+      if setup.members
+      else '',
       sum(x.size for x in jax.tree.leaves(state.params)),
       setup.total_steps,
       setup.steps_per_epoch,
       start,
     )
     preemption = _Preemption()
-    stack.callback(preemption.close)
-    run = _Run(config, workdir, setup, checkpoints, writer, console, preemption)
+    exits.callback(preemption.close)
+    run = _Run(config, workdir, setup, checkpoints, writers, console, preemption)
     return run.loop(state, log_window)
 
 
@@ -165,35 +214,36 @@ def _restored_log_window(checkpoints: Checkpoints, step: int) -> list[dict[str, 
     return []
   rows = checkpoints.custom_metadata(step).get(_LOG_WINDOW_KEY, [])
   # float32 as they came off the devices, so the row's mean is computed exactly as before.
-  return [{k: np.float32(v) for k, v in row.items()} for row in rows]
+  return [{k: np.asarray(v, np.float32) for k, v in row.items()} for row in rows]
 
 
 @dataclasses.dataclass
 class _Run:
-  """The training loop and what it writes to."""
+  """The training loop and what it writes to (one metric writer per member)."""
 
   config: Any
   workdir: str
   setup: Setup
   checkpoints: Checkpoints
-  writer: MetricWriter
+  writers: list[MetricWriter]
   console: Console
   preemption: '_Preemption'
 
   def loop(self, state: ts.TrainState, pending: list[dict[str, Any]]) -> ts.TrainState:
     config, setup = self.config, self.setup
     start, total = int(state.step), setup.total_steps
-    train_step = ts.make_train_step(
-      setup.model,
-      setup.tx,
-      setup.mesh,
-      config.label_smoothing,
-      config.on_nonfinite_loss == 'skip',
-      setup.schedule,
-    )
-    eval_step = ts.make_eval_step(setup.model, setup.mesh)
+    step_args = (config.label_smoothing, config.on_nonfinite_loss == 'skip', setup.schedule)
+    if setup.members is None:
+      train_step = ts.make_train_step(setup.model, setup.tx, setup.mesh, *step_args)
+      seeds = None
+    else:
+      train_step = stack.make_train_step(
+        setup.model, setup.tx, setup.mesh, setup.members, *step_args, setup.stack_method
+      )
+      seeds = [m.seed for m in setup.members]
+    eval_step = setup.eval_step()
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else setup.steps_per_epoch
-    batches = data.train_batches(config, setup.mesh, start_step=start)
+    batches = data.train_batches(config, setup.mesh, start_step=start, seeds=seeds)
     window_start, window_steps = time.perf_counter(), 0
     profile = _Profile(self.workdir, start, config.profile_steps)
     for step in range(start + 1, total + 1):
@@ -223,17 +273,21 @@ class _Run:
         self._log(step, pending, img_per_s)
         pending = []
         window_start, window_steps = now, 0
-      eval_metrics = None
+      best_by = None
       if evaluate:
-        eval_metrics = ts.evaluate(eval_step, state, data.eval_batches(config, setup.mesh))
-        self.writer.write(step, eval_metrics)
-        self.console.line(step, eval_metrics, with_eta=False)
+        per_member = setup.evaluate(eval_step, state, data.eval_batches(config, setup.mesh))
+        for writer, metrics_k in zip(self.writers, per_member, strict=True):
+          writer.write(step, metrics_k)
+        best_by = {k: _across_members(per_member, k) for k in per_member[0]}
+        self.console.line(step, best_by, with_eta=False)
         window_start = time.perf_counter()  # eval time is not training throughput
       if save:
-        self.checkpoints.save(step, state, eval_metrics)
+        self.checkpoints.save(step, state, best_by)
       if step != total and self.preemption.requested(step):
         _check_finite(config, step, pending)
-        window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        window = [
+          {k: np.asarray(v).tolist() for k, v in m.items()} for m in jax.device_get(pending)
+        ]
         self.checkpoints.save(step, state, extra={_LOG_WINDOW_KEY: window})
         self.checkpoints.wait()
         log.warning(
@@ -243,15 +297,21 @@ class _Run:
     return state
 
   def _log(self, step: int, pending: list[dict[str, Any]], img_per_s: float | None) -> None:
-    """One averaged row for the steps since the last row (and a console line)."""
-    means = _mean_metrics(pending)
+    """One averaged row per member for the steps since the last row (and a console line).
+
+    img_per_s is each member's own rate; the console line is the mean over members.
+    """
     _check_finite(self.config, step, pending)
-    row = {f'train_{k}': v for k, v in means.items() if k not in ('lr', 'finite')}
-    row['lr'] = means['lr']
-    if img_per_s is not None:
-      row['img_per_s'] = img_per_s
-    self.writer.write(step, row)
-    self.console.line(step, {'loss': row['train_loss'], 'top1': row['train_top1']})
+    rows = []
+    for means, writer in zip(_member_means(pending, len(self.writers)), self.writers, strict=True):
+      row = {f'train_{k}': v for k, v in means.items() if k not in ('lr', 'finite')}
+      row['lr'] = means['lr']
+      if img_per_s is not None:
+        row['img_per_s'] = img_per_s
+      writer.write(step, row)
+      rows.append(row)
+    loss, top1 = (_across_members(rows, k) for k in ('train_loss', 'train_top1'))
+    self.console.line(step, {'loss': loss, 'top1': top1})
 
 
 def _check_finite(config, step: int, pending: list[dict[str, jax.Array]]) -> None:
@@ -259,6 +319,7 @@ def _check_finite(config, step: int, pending: list[dict[str, jax.Array]]) -> Non
   if config.on_nonfinite_loss != 'stop' or not pending:
     return
   finite = np.asarray(jax.device_get([m['finite'] for m in pending]))
+  finite = finite.reshape(len(pending), -1).all(axis=1)  # a stack: every member finite
   if not finite.all():
     bad = step - len(pending) + 1 + int(np.argmin(finite))
     raise NonFiniteLossError(
@@ -291,21 +352,23 @@ def evaluate_checkpoint(
   step: int | None = None,
   mesh: Mesh | None = None,
   allow_config_change: Sequence[str] = (),
-) -> dict[str, float]:
+) -> list[dict[str, float]]:
   """Evaluate a checkpoint (default: the latest) on the full eval split and log it.
 
-  Reads the checkpoints without changing them: a damaged latest one is skipped, not moved.
+  Returns the metrics of each member (one entry for a single run; a stack's start with
+  'member': its name), each also written to its member's metrics.jsonl. Reads the
+  checkpoints without changing them: a damaged latest one is skipped, not moved.
   """
   setup = build(config, mesh)
   workdir_lib.check_config(config, workdir, allow_config_change, for_eval=True)
   with contextlib.closing(Checkpoints(workdir, config.keep_checkpoints, read_only=True)) as ckpt:
     if not ckpt.steps():
       raise UserError(f'no checkpoint in {ckpt.directory}; train first (without --mode=eval).')
-    abstract = ts.abstract_train_state(setup.model, setup.tx, setup.input_shape, setup.mesh)
-    state = ckpt.restore(abstract, step)
-  metrics = ts.evaluate(
-    ts.make_eval_step(setup.model, setup.mesh), state, data.eval_batches(config, setup.mesh)
-  )
-  with contextlib.closing(MetricWriter(workdir, jax.process_index() == 0)) as writer:
-    writer.write(int(state.step), {**metrics, 'mode': 'eval'})
-  return metrics
+    state = ckpt.restore(setup.abstract_state(), step)
+  per_member = setup.evaluate(setup.eval_step(), state, data.eval_batches(config, setup.mesh))
+  for member_dir, metrics in zip(setup.member_dirs(workdir), per_member, strict=True):
+    with contextlib.closing(MetricWriter(member_dir, jax.process_index() == 0)) as writer:
+      writer.write(int(state.step), {**metrics, 'mode': 'eval'})
+  if setup.members is not None:
+    per_member = [{'member': m.name, **x} for m, x in zip(setup.members, per_member, strict=True)]
+  return per_member

@@ -34,6 +34,20 @@ class TrainState:
   opt_state: Any
 
 
+def init_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, int, int], seed: Any
+) -> TrainState:
+  """The initial state from `seed` (an int or a traced int32), unjitted."""
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, *input_shape)), train=False)
+  params = variables['params']
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+  )
+
+
 def create_train_state(
   model: nn.Module,
   tx: optax.GradientTransformation,
@@ -42,17 +56,7 @@ def create_train_state(
   mesh: Mesh,
 ) -> TrainState:
   """Initialise parameters from `seed`, replicated over the mesh."""
-
-  def init() -> TrainState:
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, *input_shape)), train=False)
-    params = variables['params']
-    return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=variables.get('batch_stats', {}),
-      opt_state=tx.init(params),
-    )
-
+  init = lambda: init_train_state(model, tx, input_shape, seed)
   return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 
 
@@ -83,36 +87,47 @@ def _correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
 
 
-def make_train_step(
+def train_step_fn(
   model: nn.Module,
   tx: optax.GradientTransformation,
-  mesh: Mesh,
   label_smoothing: float = 0.0,
   skip_nonfinite: bool = False,
   schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """A jitted `(state, batch) -> (state, metrics)`; the input state is donated.
+) -> Callable[..., tuple[TrainState, Metrics]]:
+  """The step `(state, batch, shortcut_gate=None, lr_scale=None) -> (state, metrics)`, unjitted.
 
   Metrics are batch means (loss, top1, top5), the learning rate used, and `finite`
   (0 when the loss or a gradient was NaN/inf). With `skip_nonfinite` such a step leaves
   the state unchanged but for the step counter, so a rare overflow does not end a run.
+  `shortcut_gate` and `lr_scale` are what the members of a stack (resnet_jax.stack) may
+  differ in: the gate multiplies every shortcut, lr_scale the update.
   """
   num_classes = model.num_classes
 
-  def loss_fn(params, batch_stats, batch):
+  def loss_fn(params, batch_stats, batch, shortcut_gate):
     logits, new_vars = model.apply(
       {'params': params, 'batch_stats': batch_stats},
       batch['image'],
       train=True,
+      shortcut_gate=shortcut_gate,
       mutable=['batch_stats'],
     )
     loss = cross_entropy(logits, batch['label'], num_classes, label_smoothing).mean()
     return loss, (logits, new_vars['batch_stats'])
 
-  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  def step(
+    state: TrainState,
+    batch: Batch,
+    shortcut_gate: jax.Array | None = None,
+    lr_scale: jax.Array | None = None,
+  ) -> tuple[TrainState, Metrics]:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+    (loss, (logits, batch_stats)), grads = grad_fn(
+      state.params, state.batch_stats, batch, shortcut_gate
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if lr_scale is not None:  # the optimizers end in the lr: scaling the update scales it
+      updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
     new = TrainState(
       step=state.step + 1,
       params=optax.apply_updates(state.params, updates),
@@ -132,24 +147,47 @@ def make_train_step(
       'finite': finite.astype(jnp.float32),
     }
     if schedule is not None:
-      metrics['lr'] = schedule(state.step)
+      lr = schedule(state.step)
+      metrics['lr'] = lr if lr_scale is None else lr * lr_scale
     return new, metrics
 
+  return step
+
+
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  label_smoothing: float = 0.0,
+  skip_nonfinite: bool = False,
+  schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """`train_step_fn` jitted over `mesh`: `(state, batch) -> (state, metrics)`, state donated."""
+  step = train_step_fn(model, tx, label_smoothing, skip_nonfinite, schedule)
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+  return jax.jit(
+    lambda state, batch: step(state, batch),
+    in_shardings=(repl, data),
+    out_shardings=(repl, repl),
+    donate_argnums=0,
+  )
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[TrainState, Batch, Metrics], Metrics]:
-  """A jitted `(state, batch, totals) -> totals + sums over the batch's unmasked rows`.
+def eval_step_fn(model: nn.Module) -> Callable[..., Metrics]:
+  """The step `(state, batch, totals, shortcut_gate=None) -> totals + the batch's sums`.
 
-  Sums of loss, top-1, top-5 and the count, accumulated on the devices inside the step
-  (no separate add per batch); the host fetches the totals once at the end.
+  Sums of loss, top-1, top-5 and the count over the batch's unmasked rows.
   """
   num_classes = model.num_classes
 
-  def step(state: TrainState, batch: Batch, totals: Metrics) -> Metrics:
+  def step(
+    state: TrainState, batch: Batch, totals: Metrics, shortcut_gate: jax.Array | None = None
+  ) -> Metrics:
     logits = model.apply(
-      {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=False,
+      shortcut_gate=shortcut_gate,
     )
     mask = batch['mask']
     loss = cross_entropy(logits, batch['label'], num_classes)
@@ -161,18 +199,29 @@ def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[TrainState, Batch,
     }
     return jax.tree.map(jnp.add, totals, sums)
 
+  return step
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[TrainState, Batch, Metrics], Metrics]:
+  """`eval_step_fn` jitted over `mesh`; totals are accumulated on the devices inside the
+  step (no separate add per batch) and the host fetches them once at the end."""
+  step = eval_step_fn(model)
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=repl, donate_argnums=2)
+  return jax.jit(
+    lambda state, batch, totals: step(state, batch, totals),
+    in_shardings=(repl, data, repl),
+    out_shardings=repl,
+    donate_argnums=2,
+  )
 
 
-def evaluate(
-  eval_step: Callable[[TrainState, Batch, Metrics], Metrics], state: TrainState, batches: Any
-) -> dict[str, float]:
-  """Mean loss / top-1 / top-5 over every unmasked example, and how many there were."""
-  totals = {k: np.zeros((), np.float32) for k in ('loss', 'top1', 'top5', 'count')}
-  for batch in batches:
-    totals = eval_step(state, batch, totals)
-  totals = jax.device_get(totals)
+def empty_totals() -> Metrics:
+  """The eval totals before the first batch."""
+  return {k: np.zeros((), np.float32) for k in ('loss', 'top1', 'top5', 'count')}
+
+
+def eval_means(totals: Metrics) -> dict[str, float]:
+  """Mean loss / top-1 / top-5 over the counted examples, from fetched totals."""
   count = float(totals['count'])
   return {
     'eval_loss': float(totals['loss']) / count,
@@ -180,3 +229,13 @@ def evaluate(
     'eval_top5': float(totals['top5']) / count,
     'eval_count': int(count),
   }
+
+
+def evaluate(
+  eval_step: Callable[[TrainState, Batch, Metrics], Metrics], state: TrainState, batches: Any
+) -> dict[str, float]:
+  """Mean loss / top-1 / top-5 over every unmasked example, and how many there were."""
+  totals = empty_totals()
+  for batch in batches:
+    totals = eval_step(state, batch, totals)
+  return eval_means(jax.device_get(totals))

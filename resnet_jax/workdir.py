@@ -4,7 +4,7 @@ The first start writes WORKDIR/config.json. A restart compares its config with i
 - bookkeeping fields (`FREE_FIELDS`: log/eval/checkpoint intervals, data_dir, ...) may
   change freely;
 - fields that define the train state (`STATE_FIELDS`: model, its overrides, dataset,
-  optimizer) can never change: the checkpoints hold another state;
+  optimizer, a stack's members) can never change: the checkpoints hold another state;
 - every other field changes what the run computes (batch size, seed, schedule, ...): a
   change stops the run, unless it is named in --allow_config_change (e.g. a longer
   schedule), in which case the new config is recorded and the old one kept beside it.
@@ -42,10 +42,11 @@ FREE_FIELDS = frozenset(
     'data_dir',
     'prefetch_batches',
     'eval_batch_size',
+    'stack_method',  # how a stack's members share the program, not what they compute
   }
 )
 # The train state's structure: a change cannot be restored, whatever the flags say.
-STATE_FIELDS = ('model', 'model_overrides', 'dataset', 'optimizer')
+STATE_FIELDS = ('model', 'model_overrides', 'dataset', 'optimizer', 'stack_seeds', 'stack_residual')
 # What an evaluation of a checkpoint depends on.
 EVAL_FIELDS = (*STATE_FIELDS, 'dtype', 'image_size', 'normalize', 'bn_group_size')
 
