@@ -160,7 +160,10 @@ def run(_) -> None:
     )
 
 
-def _number(v: float) -> str:
+def _number(v: float | str) -> str:
+  """A metric as printed: integers without a point, floats to 6 digits, names as they are."""
+  if isinstance(v, str):
+    return v
   return str(int(v)) if float(v).is_integer() else f'{v:.6g}'
 
 

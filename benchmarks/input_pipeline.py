@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from resnet_jax import data, device_data, input_pipeline, sharding
+from resnet_jax import datasets, device_data, input_pipeline, sharding
 
 
 def make_jpegs(count: int, height: int, width: int, seed: int) -> list[bytes]:
@@ -92,7 +92,9 @@ def main() -> None:
   mesh = sharding.make_mesh()
   normalize = device_data.batch_jit(device_data.normalize, mesh)
   replicated = sharding.replicated(mesh)
-  mean, std = (jax.device_put(x, replicated) for x in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+  mean, std = (
+    jax.device_put(x, replicated) for x in (datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)
+  )
 
   def to_devices(batch: dict[str, np.ndarray]) -> jax.Array:
     return normalize(sharding.to_global_batch(batch, mesh)['image'], mean, std)

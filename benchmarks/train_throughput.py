@@ -154,7 +154,7 @@ def prepare(args: argparse.Namespace) -> types.SimpleNamespace:
   state = ts.create_train_state(model, tx, shape, args.seed, mesh)
   batches = list(
     itertools.islice(
-      device_data.synthetic_train_batches(shape, model.num_classes, args.batch, mesh, args.seed),
+      device_data.synthetic_train_batches(shape, model.num_classes, args.batch, mesh, (args.seed,)),
       args.num_batches,
     )
   )

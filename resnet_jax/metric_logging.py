@@ -2,20 +2,27 @@
 
 Only process 0 writes; the others get a writer that does nothing, so the loop never
 asks which process it is on. Event files are written with TensorBoard's own writer
-(no tensorflow needed).
+(no tensorflow needed); where tensorboard is not installed (the bare accelerator
+machines), metrics.jsonl alone is written and a warning says so.
 """
 
 import json
+import logging
 import os
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
 from resnet_jax.errors import UserError
+
+try:
+  from tensorboard.compat.proto import event_pb2, summary_pb2
+  from tensorboard.summary.writer.event_file_writer import EventFileWriter
+except ImportError:
+  EventFileWriter = None
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = 'metrics.jsonl'
 DROPPED_FILE = 'metrics.dropped.jsonl'  # rows a resume took out of metrics.jsonl
@@ -83,7 +90,11 @@ class MetricWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
-      self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+      self._events = None
+      if EventFileWriter is None:
+        log.warning('tensorboard is not installed: %s gets metrics.jsonl only', workdir)
+      else:
+        self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     """One row: floats at full precision, flushed so a kill loses nothing written."""
@@ -92,6 +103,8 @@ class MetricWriter:
     row = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(row) + '\n')
     self._jsonl.flush()
+    if self._events is None:
+      return
     values = [
       summary_pb2.Summary.Value(tag=k, simple_value=v)
       for k, v in row.items()
@@ -107,7 +120,8 @@ class MetricWriter:
   def close(self) -> None:
     if self._enabled:
       self._jsonl.close()
-      self._events.close()
+      if self._events is not None:
+        self._events.close()
 
 
 class Console:

@@ -61,6 +61,19 @@ class Setup:
       return ts.abstract_train_state(self.model, self.tx, self.input_shape, self.mesh)
     return stack.abstract_state(self.model, self.tx, self.input_shape, self.members, self.mesh)
 
+  def train_step(self, label_smoothing: float, skip_nonfinite: bool):
+    """The jitted step: the single run's, or the stack's over its members."""
+    args = (label_smoothing, skip_nonfinite, self.schedule)
+    if self.members is None:
+      return ts.make_train_step(self.model, self.tx, self.mesh, *args)
+    return stack.make_train_step(
+      self.model, self.tx, self.mesh, self.members, *args, self.stack_method
+    )
+
+  def batch_seeds(self) -> list[int] | None:
+    """The seeds data.train_batches stacks batches for (None: a single run's own)."""
+    return None if self.members is None else [m.seed for m in self.members]
+
   def eval_step(self):
     if self.members is None:
       return ts.make_eval_step(self.model, self.mesh)
@@ -145,12 +158,15 @@ def _every(step: int, interval: int, total: int) -> bool:
   return step == total or (interval > 0 and step % interval == 0)
 
 
-def _member_means(pending: list[dict[str, Any]], num_members: int) -> list[dict[str, float]]:
-  """Each member's metrics averaged over the pending steps (a stack's are [K] arrays)."""
+def _member_means(pending: list[dict[str, Any]], members: int | None) -> list[dict[str, float]]:
+  """Each member's metrics averaged over the pending steps; `members`: None for a single
+  run, else K (a stack's metrics are [K] arrays)."""
   fetched = jax.device_get(pending)
-  means = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
+  pick = (lambda x, i: x) if members is None else (lambda x, i: x[i])
+  # A mean over a list of the member's own scalars: the single run's arithmetic exactly.
   return [
-    {k: float(v if v.ndim == 0 else v[i]) for k, v in means.items()} for i in range(num_members)
+    {k: float(np.mean([pick(m[k], i) for m in fetched])) for k in fetched[0]}
+    for i in range(members or 1)
   ]
 
 
@@ -232,18 +248,10 @@ class _Run:
   def loop(self, state: ts.TrainState, pending: list[dict[str, Any]]) -> ts.TrainState:
     config, setup = self.config, self.setup
     start, total = int(state.step), setup.total_steps
-    step_args = (config.label_smoothing, config.on_nonfinite_loss == 'skip', setup.schedule)
-    if setup.members is None:
-      train_step = ts.make_train_step(setup.model, setup.tx, setup.mesh, *step_args)
-      seeds = None
-    else:
-      train_step = stack.make_train_step(
-        setup.model, setup.tx, setup.mesh, setup.members, *step_args, setup.stack_method
-      )
-      seeds = [m.seed for m in setup.members]
+    train_step = setup.train_step(config.label_smoothing, config.on_nonfinite_loss == 'skip')
     eval_step = setup.eval_step()
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else setup.steps_per_epoch
-    batches = data.train_batches(config, setup.mesh, start_step=start, seeds=seeds)
+    batches = data.train_batches(config, setup.mesh, start, setup.batch_seeds())
     window_start, window_steps = time.perf_counter(), 0
     profile = _Profile(self.workdir, start, config.profile_steps)
     for step in range(start + 1, total + 1):
@@ -303,7 +311,8 @@ class _Run:
     """
     _check_finite(self.config, step, pending)
     rows = []
-    for means, writer in zip(_member_means(pending, len(self.writers)), self.writers, strict=True):
+    members = None if self.setup.members is None else len(self.setup.members)
+    for means, writer in zip(_member_means(pending, members), self.writers, strict=True):
       row = {f'train_{k}': v for k, v in means.items() if k not in ('lr', 'finite')}
       row['lr'] = means['lr']
       if img_per_s is not None:

@@ -277,3 +277,25 @@ def test_bn_stats_finds_every_bn_and_its_ways_agree(capsys):
     'blocked16384',
   ]
   assert rows[0]['bn_layers'] == 19 and all(r['max_rel_diff'] < 1e-5 for r in rows[1:])
+
+
+def test_stack_benchmark_rows_and_table_without_tensorflow_or_ml_collections():
+  proc = _run_python(
+    """
+      import sys
+      sys.modules['ml_collections'] = None
+      from benchmarks import stack_throughput
+      code = stack_throughput.main(['--models', 'cifar_resnet20', '--members', '2',
+                                    '--methods', 'unroll,vmap', '--batch', '8', '--steps', '1',
+                                    '--windows', '1', '--warmup', '0'])
+      assert 'tensorflow' not in sys.modules, 'the stack benchmark imported tensorflow'
+      sys.exit(code)
+      """,
+    devices=2,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = _results(proc.stdout)
+  assert [(r['members'], r['method']) for r in rows] == [(1, 'single'), (2, 'unroll'), (2, 'vmap')]
+  assert all(r['img_per_s'] > 0 and r['num_devices'] == 2 for r in rows)
+  table = [line for line in proc.stdout.splitlines() if line.startswith('| cifar_resnet20')]
+  assert len(table) == 3 and table[0].split('|')[6].strip() == '1.00'

@@ -233,7 +233,7 @@ def test_every_checkpoint_damaged_stops_with_one_line_and_keeps_everything(tmp_p
 def test_eval_skips_a_damaged_checkpoint_without_moving_it(tmp_path):
   _train_in_process(tmp_path, 1, num_train_steps=8)
   _flip_one_bit(tmp_path / 'checkpoints' / '8')
-  metrics = train.evaluate_checkpoint(_config(), str(tmp_path), mesh=_mesh1())
+  (metrics,) = train.evaluate_checkpoint(_config(), str(tmp_path), mesh=_mesh1())
   assert metrics['eval_count'] == 1000
   assert read_metrics(tmp_path)[-1]['step'] == 4
   assert Checkpoints(str(tmp_path)).steps() == [4, 8]
@@ -317,7 +317,7 @@ def test_restore_onto_another_device_count(tmp_path, saved_on, restored_on):
   # Evaluating on the new mesh gives the metrics of the old one.
   c = _config()
   before = [r for r in read_metrics(tmp_path) if 'eval_top1' in r][-1]
-  after = train.evaluate_checkpoint(c, str(tmp_path), mesh=mesh)
+  (after,) = train.evaluate_checkpoint(c, str(tmp_path), mesh=mesh)
   assert after['eval_count'] == before['eval_count']
   assert after['eval_loss'] == pytest.approx(before['eval_loss'], rel=1e-4)
 

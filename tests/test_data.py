@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnet_jax import data, sharding
+from resnet_jax import data, datasets, memory_source, sharding
 from resnet_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,19 +64,19 @@ def _differ(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> b
 
 def test_unknown_dataset_lists_the_known_ones(mesh8):
   with pytest.raises(UserError, match='one of: imagenet2012, .*mnist') as e:
-    data.get_spec('imagenet')
+    datasets.get_spec('imagenet')
   assert '\n' not in str(e.value)
   with pytest.raises(UserError, match='unknown dataset'):
     data.train_batches(_config('imagenet'), mesh8)
 
 
 def test_input_shape_and_steps_per_epoch():
-  assert data.input_shape(_config('mnist', image_size=224)) == (28, 28, 1)
-  assert data.input_shape(_config('cifar100')) == (32, 32, 3)
-  assert data.input_shape(_config('imagenet2012', image_size=160)) == (160, 160, 3)
-  assert data.input_shape(_config('synthetic', image_size=64)) == (64, 64, 3)
-  assert data.steps_per_epoch(_config('cifar10', batch_size=128)) == 390
-  assert data.steps_per_epoch(_config('synthetic', batch_size=10**7)) == 1
+  assert datasets.input_shape(_config('mnist', image_size=224)) == (28, 28, 1)
+  assert datasets.input_shape(_config('cifar100')) == (32, 32, 3)
+  assert datasets.input_shape(_config('imagenet2012', image_size=160)) == (160, 160, 3)
+  assert datasets.input_shape(_config('synthetic', image_size=64)) == (64, 64, 3)
+  assert datasets.steps_per_epoch(_config('cifar10', batch_size=128)) == 390
+  assert datasets.steps_per_epoch(_config('synthetic', batch_size=10**7)) == 1
 
 
 @pytest.mark.parametrize(
@@ -175,7 +175,7 @@ def test_resuming_at_a_step_gives_the_uninterrupted_batches(tfds_dir, mesh8):
   uninterrupted = _train(c, mesh8, 5)
   _assert_same(uninterrupted[3:], _train(c, mesh8, 2, start_step=3))
   # Across an epoch boundary too (3125 steps of 16).
-  end = data.steps_per_epoch(c)
+  end = datasets.steps_per_epoch(c)
   _assert_same(_train(c, mesh8, 3, start_step=end - 1)[1:], _train(c, mesh8, 2, start_step=end))
 
 
@@ -186,13 +186,12 @@ def test_train_batches_do_not_depend_on_the_device_count(dataset, tfds_dir, mesh
 
 
 def test_processes_take_their_rows_of_the_same_global_batch(tfds_dir):
-  from resnet_jax import input_pipeline
 
-  spec = data.get_spec('cifar10')
-  images, labels = input_pipeline.load_split(spec, spec.train_split, tfds_dir)
+  spec = datasets.get_spec('cifar10')
+  images, labels = memory_source.load_split(spec, spec.train_split, tfds_dir)
 
   def batches(rows):
-    it = input_pipeline.memory_train_batches(
+    it = memory_source.memory_train_batches(
       images, labels, batch_size=16, rows=rows, seed=3, crop_flip=True, start_step=5
     )
     return list(itertools.islice(it, 2))
@@ -246,7 +245,7 @@ def test_damaged_records_in_memory_say_prepare_again(damage, tfds_dir, tmp_path)
   # A fresh dir each time, so load_split's cache cannot answer.
   data_dir = _damaged_mnist(tfds_dir, tmp_path, 'mnist-train.tfrecord-*', damage)
   with pytest.raises(UserError, match='DataLossError') as e:
-    input_pipeline.load_split(data.get_spec('mnist'), 'train', str(data_dir))
+    input_pipeline.load_split(datasets.get_spec('mnist'), 'train', str(data_dir))
   _assert_says_prepare_again(e, data_dir)
 
 
@@ -258,7 +257,7 @@ def test_damaged_records_read_lazily_say_prepare_again(split, damage, tfds_dir, 
   from resnet_jax import input_pipeline
 
   data_dir = _damaged_mnist(tfds_dir, tmp_path, f'mnist-{split}.tfrecord-*', damage)
-  spec, size = data.get_spec('mnist'), 8
+  spec, size = datasets.get_spec('mnist'), 8
   # MNIST stores PNGs, which the JPEG decoding would reject first: this is about the records.
   blank = lambda *_: tf.zeros([size, size, 3], tf.uint8)
   with (
@@ -310,14 +309,13 @@ def test_damaged_dataset_info_says_prepare_again(damage, problem, tfds_dir, tmp_
 @pytest.mark.parametrize('eval_batch', [7, 32, 100])
 @pytest.mark.parametrize(('devices', 'processes'), [(1, 1), (8, 1), (8, 2), (8, 8)])
 def test_eval_rows_of_all_processes_cover_the_split_once(eval_batch, devices, processes, tfds_dir):
-  from resnet_jax import input_pipeline
 
-  spec = data.get_spec('mnist')
-  images, labels = input_pipeline.load_split(spec, spec.eval_split, tfds_dir)
+  spec = datasets.get_spec('mnist')
+  images, labels = memory_source.load_split(spec, spec.eval_split, tfds_dir)
   global_batch = -(-eval_batch // devices) * devices  # as eval_batches rounds it
   seen = []
   for rows in np.split(np.arange(global_batch), processes):
-    for b in input_pipeline.memory_eval_batches(images, labels, batch_size=global_batch, rows=rows):
+    for b in memory_source.memory_eval_batches(images, labels, batch_size=global_batch, rows=rows):
       assert b['image'].shape[0] == len(rows)
       seen.append(b['index'][b['mask'] == 1])
   np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(10_000))
@@ -325,17 +323,16 @@ def test_eval_rows_of_all_processes_cover_the_split_once(eval_batch, devices, pr
 
 @pytest.mark.parametrize(('eval_batch', 'devices'), [(7, 8), (32, 1), (100, 8)])
 def test_eval_batches_see_every_example_once(eval_batch, devices, tfds_dir):
-  from resnet_jax import input_pipeline
 
   mesh = sharding.make_mesh(jax.devices()[:devices])
   c = _config('mnist', tfds_dir, eval_batch_size=eval_batch)
-  batches = [jax.device_get(b) for b in data._eval_batches(c, mesh, with_index=True)]
+  batches = [jax.device_get(b) for b in data.eval_batches(c, mesh, with_index=True)]
   mask = np.concatenate([b['mask'] for b in batches])
   assert mask.sum() == 10_000
   index = np.concatenate([b['index'] for b in batches])[mask == 1]
   np.testing.assert_array_equal(np.sort(index), np.arange(10_000))
-  spec = data.get_spec('mnist')
-  _, labels = input_pipeline.load_split(spec, spec.eval_split, tfds_dir)
+  spec = datasets.get_spec('mnist')
+  _, labels = memory_source.load_split(spec, spec.eval_split, tfds_dir)
   np.testing.assert_array_equal(
     np.concatenate([b['label'] for b in batches])[mask == 1], labels[index]
   )
@@ -368,7 +365,7 @@ def test_device_resident_batches_are_deterministic_and_device_count_free(
 ):
   c = _config(dataset, tfds_dir, device_resident_data=True)
   batches = _train(c, mesh8, 3)
-  shape = data.input_shape(c)
+  shape = datasets.input_shape(c)
   assert batches[0]['image'].shape == (16, *shape) and batches[0]['image'].dtype == np.float32
   assert batches[0]['label'].dtype == np.int32
   _assert_same(batches, _train(c, mesh1, 3))  # a fresh pipeline, on another device count
@@ -386,7 +383,7 @@ def test_synthetic_batches(mesh1, mesh8):
   _assert_same(batches, _train(c, mesh1, 2))
   _assert_same(batches[1:], _train(c, mesh8, 1, start_step=1))
   masks = [np.asarray(b['mask']) for b in data.eval_batches(c, mesh8)]
-  assert sum(m.sum() for m in masks) == data.get_spec('synthetic').num_eval
+  assert sum(m.sum() for m in masks) == datasets.get_spec('synthetic').num_eval
 
 
 def test_synthetic_data_needs_no_tensorflow():
@@ -420,7 +417,7 @@ def test_imagenet_pipeline_on_mock_data(augment, mesh8):
   import tensorflow_datasets as tfds
 
   # The spec's sizes made to match the 20 mock examples, so epochs and eval are short.
-  spec = dataclasses.replace(data.get_spec('imagenet2012'), num_train=20, num_eval=20)
+  spec = dataclasses.replace(datasets.get_spec('imagenet2012'), num_train=20, num_eval=20)
   c = _config(
     'imagenet2012',
     batch_size=8,
@@ -429,12 +426,15 @@ def test_imagenet_pipeline_on_mock_data(augment, mesh8):
     train_augment=augment,
     shuffle_buffer=16,
   )
-  with tfds.testing.mock_data(num_examples=20), mock.patch.dict(data.DATASETS, imagenet2012=spec):
+  with (
+    tfds.testing.mock_data(num_examples=20),
+    mock.patch.dict(datasets.DATASETS, imagenet2012=spec),
+  ):
     batches = _train(c, mesh8, 5)  # 2 steps per epoch: crosses two epoch boundaries
     assert batches[0]['image'].shape == (8, 64, 64, 3)
     assert batches[0]['image'].dtype == np.float32 and batches[0]['label'].dtype == np.int32
     images = np.stack([b['image'] for b in batches])
-    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    mean, std = datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
     assert images.min() >= (-mean / std).min() - 1e-5
     assert images.max() <= ((255 - mean) / std).max() + 1e-5
     assert images.std() > 0.3

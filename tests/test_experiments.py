@@ -280,6 +280,65 @@ def test_driver_trains_with_main_py_then_skips_and_reports(tmp_path, monkeypatch
   assert (tmp_path / 'report' / 'curves.png').stat().st_size > 0
 
 
+def test_stack_groups_twins_and_seeds_into_one_program_each(tmp_path):
+  suite = suites.SUITES['cifar10_degradation']
+  runs = suites.select_runs(suite, [20, 110])
+  jobs = suites.expand_stacked(runs, str(tmp_path), seeds=2, steps_scale=0.01)
+  # Plain-20 and ResNet-20 share a program; the 110s do not (only ResNet-110 warms up).
+  assert [j.directory for j in jobs] == [
+    'stacks/cifar_plain20+cifar_resnet20',
+    'stacks/cifar_plain110',
+    'stacks/cifar_resnet110',
+  ]
+  flags = _flags(jobs[0].command)
+  assert flags['config.stack_seeds'] == '(0,1,0,1)'
+  assert flags['config.stack_residual'] == '(False,False,True,True)'
+  assert flags['config.num_train_steps'] == '640'
+  assert jobs[0].command[2] == '--config=configs/cifar10.py:resnet20'
+  assert jobs[0].members[1] == (
+    'cifar_plain20/seed1',
+    'stacks/cifar_plain20+cifar_resnet20/plain_seed1',
+  )
+  # Twins with parameters in their shortcuts (option B) cannot share a program.
+  option_b = suites.expand_stacked(runs[:2], str(tmp_path), sets={'model_overrides.shortcut': 'B'})
+  assert len(option_b) == 2
+
+
+def test_stacked_driver_trains_with_main_py_links_members_and_reports(tmp_path, monkeypatch):
+  """A plain/residual pair of smoke nets as one 4-step stack through main.py."""
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  workdir = str(tmp_path)
+  plain = suites.Run('plain', SMOKE, 'plain', 20, False, 'plain nets', {'model': 'cifar_plain20'})
+  suite = suites.Suite('smoke', 'none', (plain, _toy_run('resnet')))
+  sets = {'eval_batch_size': '200'}
+  jobs = suites.expand_stacked(suite.runs, workdir, steps_scale=0.2, sets=sets)
+  assert len(jobs) == 1 and jobs[0].directory == 'stacks/plain+resnet'
+  run_suite.write_manifest(workdir, 'smoke', suite, suite.runs, 1, 0.2)
+  log = tmp_path / 'stacks' / 'plain+resnet' / 'log.txt'
+  assert run_suite.run_jobs(jobs, workdir)['ok'] == ['stacks/plain+resnet'], log.read_text()
+  assert os.readlink(tmp_path / 'plain' / 'seed0') == '../stacks/plain+resnet/plain_seed0'
+  for run in ('plain', 'resnet'):
+    done = json.loads((tmp_path / run / 'seed0' / 'DONE').read_text())
+    assert done['stack'] == {'directory': 'stacks/plain+resnet', 'members': 2}
+  results = report.build_report(workdir, str(tmp_path / 'report'))
+  finals = {r['name']: r['seeds']['0'] for r in results['runs']}
+  assert {name: f['final_step'] for name, f in finals.items()} == {'plain': 4, 'resnet': 4}
+  losses = {
+    run: [r['train_loss'] for r in read_metrics(str(tmp_path / run / 'seed0')) if 'train_loss' in r]
+    for run in ('plain', 'resnet')
+  }
+  assert len(losses['plain']) == 4 and losses['plain'] != losses['resnet']
+  assert run_suite.run_jobs(jobs, workdir)['skipped'] == ['stacks/plain+resnet']
+
+
+def test_stack_refuses_seed_dirs_of_unstacked_runs(tmp_path):
+  jobs = suites.expand_stacked([_toy_run('a')], str(tmp_path))
+  os.makedirs(tmp_path / 'a' / 'seed0')
+  with pytest.raises(UserError, match='holds an unstacked run'):
+    run_suite.link_members(jobs[0], str(tmp_path))
+  assert not os.path.islink(tmp_path / 'a' / 'seed0')
+
+
 def _write_seed(workdir, run, seed, train_top1, eval_top1, seconds=None):
   """metrics.jsonl rows at steps 10 and 20 (eval at 20), and DONE if `seconds`."""
   run_dir = os.path.join(workdir, run, f'seed{seed}')
