@@ -14,10 +14,11 @@ Fig. 6 (plain-n and ResNet-n, several seeds) trains in about the time of one run
 
 How members share the program (config.stack_method):
 - 'vmap': one batched program; convolutions become grouped convolutions (feature groups
-  = members), which accelerators run as one wide kernel. On XLA:CPU grouped convolutions
-  are 20x slower per member than plain ones (benchmarks/RESULTS.md), so
+  = members), which accelerators run as one wide kernel. XLA:CPU runs them so slowly
+  that a vmapped stack trains at about a quarter of one run's images/s (benchmarks/
+  RESULTS.md), so
 - 'unroll': the step written out once per member inside the one jitted program: on a
-  CPU as fast as K runs, without their per-step dispatch; compiles K times the code.
+  CPU 1.0-1.2x the images/s of one run; compiles K times the code.
 - 'auto' (default): 'unroll' on CPUs, 'vmap' on GPUs and TPUs.
 Both compute per member what the single run computes (tested).
 
