@@ -238,6 +238,11 @@ def run_overrides(run: Run, steps_scale: float, sets: Mapping[str, str]) -> dict
   return {**run.overrides, **{k: v for k, v in scaled.items() if k not in sets}, **sets}
 
 
+def _check_counts(seeds: int, steps_scale: float) -> None:
+  if seeds < 1 or steps_scale <= 0:
+    raise UserError(f'need seeds >= 1 and steps_scale > 0 (got {seeds}, {steps_scale}).')
+
+
 def expand(
   runs: Sequence[Run],
   workdir: str,
@@ -246,8 +251,7 @@ def expand(
   sets: Mapping[str, str] | None = None,
 ) -> list[Job]:
   """One Job per run and seed 0..seeds-1, trained in WORKDIR/<run name>/seed<k>."""
-  if seeds < 1 or steps_scale <= 0:
-    raise UserError(f'need seeds >= 1 and steps_scale > 0 (got {seeds}, {steps_scale}).')
+  _check_counts(seeds, steps_scale)
   workdir = os.path.abspath(workdir)
   jobs = []
   for run in runs:
@@ -308,8 +312,7 @@ def expand_stacked(
   The stack trains in WORKDIR/stacks/<first run name>[+...]; each member's directory is
   what WORKDIR/<run name>/seed<k> links to.
   """
-  if seeds < 1 or steps_scale <= 0:
-    raise UserError(f'need seeds >= 1 and steps_scale > 0 (got {seeds}, {steps_scale}).')
+  _check_counts(seeds, steps_scale)
   workdir, sets = os.path.abspath(workdir), sets or {}
   jobs = []
   for group in stack_groups(runs, steps_scale, sets):
