@@ -44,6 +44,7 @@ class DataOptions:
   spec: DatasetSpec
   data_dir: str | None  # None: tfds' default (~/tensorflow_datasets)
   batch_size: int
+  steps_per_epoch: int
   eval_batch_size: int
   image_size: int
   normalize: str
@@ -69,6 +70,7 @@ def data_options(config: Any) -> DataOptions:
     spec=spec,
     data_dir=os.path.expanduser(data_dir) if data_dir else None,
     batch_size=config.batch_size,
+    steps_per_epoch=datasets.steps_per_epoch(config),
     eval_batch_size=config.eval_batch_size,
     image_size=config.image_size,
     normalize=config.normalize,
@@ -183,7 +185,7 @@ def _host_train_batches(
     rows=rows,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    steps_per_epoch=max(1, o.spec.num_train // o.batch_size),
+    steps_per_epoch=o.steps_per_epoch,
     start_step=start_step,
   )
 

@@ -1,8 +1,9 @@
 """Many runs in one program: K members trained side by side by one jitted step.
 
-A stack is K train states with a leading member axis, trained by `jax.vmap` of the single
-run's step, so a member computes what the single run with its settings computes and
-nothing mixes across members (each has its own BN statistics, loss and gradients).
+A stack is K train states with a leading member axis, trained by the single run's step
+mapped over the members (vmapped or written out per member, below), so a member
+computes what the single run with its settings computes and nothing mixes across
+members (each has its own BN statistics, loss and gradients).
 Members differ in their seed (initialisation, data order and augmentation), in whether
 the net is residual (twins that share every parameter shape: option-A shortcuts have no
 parameters, so a plain net and its ResNet twin do) and in a learning-rate scale.
@@ -204,9 +205,7 @@ def abstract_state(
   mesh: Mesh,
 ) -> ts.TrainState:
   """Shapes, dtypes and shardings of the stacked state (for restores)."""
-  state = jax.eval_shape(lambda: create_state(model, tx, input_shape, stack, mesh))
-  repl = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+  return ts.replicated_shapes(lambda: create_state(model, tx, input_shape, stack, mesh), mesh)
 
 
 def make_train_step(
@@ -260,9 +259,7 @@ def evaluate(
 ) -> list[dict[str, float]]:
   """Each member's eval metrics (as `train_step.evaluate` gives a single run's)."""
   totals = {k: np.repeat(v[None], num_members) for k, v in ts.empty_totals().items()}
-  for batch in batches:
-    totals = eval_step(state, batch, totals)
-  totals = jax.device_get(totals)
+  totals = ts.eval_totals(eval_step, state, batches, totals)
   return [ts.eval_means({k: v[i] for k, v in totals.items()}) for i in range(num_members)]
 
 

@@ -64,9 +64,14 @@ def abstract_train_state(
   model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, int, int], mesh: Mesh
 ) -> TrainState:
   """Shapes, dtypes and shardings of the state, without computing it (for restores)."""
-  state = jax.eval_shape(lambda: create_train_state(model, tx, input_shape, 0, mesh))
+  return replicated_shapes(lambda: create_train_state(model, tx, input_shape, 0, mesh), mesh)
+
+
+def replicated_shapes(create: Callable[[], Any], mesh: Mesh) -> Any:
+  """What `create()` returns, as shapes and dtypes replicated over `mesh`, not computed."""
   repl = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+  shapes = jax.eval_shape(create)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), shapes)
 
 
 def cross_entropy(
@@ -235,7 +240,16 @@ def evaluate(
   eval_step: Callable[[TrainState, Batch, Metrics], Metrics], state: TrainState, batches: Any
 ) -> dict[str, float]:
   """Mean loss / top-1 / top-5 over every unmasked example, and how many there were."""
-  totals = empty_totals()
+  return eval_means(eval_totals(eval_step, state, batches, empty_totals()))
+
+
+def eval_totals(
+  eval_step: Callable[[TrainState, Batch, Metrics], Metrics],
+  state: TrainState,
+  batches: Any,
+  totals: Metrics,
+) -> dict[str, np.ndarray]:
+  """`totals` plus every batch's sums, accumulated on the devices and fetched once."""
   for batch in batches:
     totals = eval_step(state, batch, totals)
-  return eval_means(jax.device_get(totals))
+  return jax.device_get(totals)
