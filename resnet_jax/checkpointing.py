@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from resnet_jax.errors import CheckpointWriteError, UserError
+from resnet_jax.errors import CheckpointWriteError, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,27 @@ class Checkpoints:
       )
     return None
 
+  def restore_as_saved(self, target: jax.sharding.Sharding, step: int | None = None) -> Any | None:
+    """The checkpoint at `step` (default: the latest good one) in the structure it was saved
+    in (a dict of the state's fields), every array placed with `target`; None if there is
+    none. For reading another run's checkpoints without its config (e.g. init_from)."""
+    if step is not None and step not in self.steps():
+      return self.restore({}, step)  # the one-line error naming the available steps
+    steps = [step] if step is not None else sorted(self.steps(), reverse=True)
+    for s in steps:
+      try:
+        saved = self._manager.item_metadata(s)
+      except Exception:  # noqa: BLE001 - unreadable metadata: an older checkpoint may do
+        saved = None
+      if saved is not None:
+        shapes = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=target), dict(saved)
+        )
+        return self.restore(shapes, step)
+    if steps:
+      raise UserError(f'no readable checkpoint in {self.directory}; restore the files.')
+    return None
+
   def _restore_verified(self, step: int, abstract_state: Any) -> Any:
     """Restore `step`; _Damaged if its files are unreadable or its bits changed.
 
@@ -250,7 +271,7 @@ class Checkpoints:
       saved = self._manager.item_metadata(step)
       custom = self._manager.metadata(step).custom_metadata or {}
     except Exception as e:  # noqa: BLE001 - any failure to read means damage
-      raise _Damaged(f'metadata unreadable: {_first_line(e)}') from e
+      raise _Damaged(f'metadata unreadable: {first_line(e, 80)}') from e
     if saved is None:
       raise _Damaged('no array metadata')
     mismatch = _structure_mismatch(saved, abstract_state)
@@ -263,7 +284,7 @@ class Checkpoints:
     try:
       state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # noqa: BLE001 - any failure to read means damage
-      raise _Damaged(f'array data unreadable: {_first_line(e)}') from e
+      raise _Damaged(f'array data unreadable: {first_line(e, 80)}') from e
     expected = custom.get(CHECKSUM_KEY)
     if expected is None:
       log.warning('checkpoint at step %d has no fingerprints (older format); not verified', step)
@@ -302,9 +323,3 @@ class Checkpoints:
   def close(self) -> None:
     self.wait()
     self._manager.close()
-
-
-def _first_line(e: BaseException, limit: int = 80) -> str:
-  text = str(e).strip()
-  line = text.splitlines()[0] if text else type(e).__name__
-  return line if len(line) <= limit else line[: limit - 3] + '...'

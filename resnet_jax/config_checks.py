@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
-from resnet_jax import datasets, optim
+from resnet_jax import datasets, optim, pretrained
 from resnet_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -103,3 +103,7 @@ def validate(config: Any) -> None:
   _int(config, 'profile_steps', 0, '>= 0')
   _int(config, 'prefetch_batches', 0, '>= 0')
   _int(config, 'shuffle_buffer', 1, 'positive')
+  if not isinstance(config.init_from, str):
+    _fail('init_from', config.init_from, "a path ('' for none)")
+  _choice(config, 'init_head', pretrained.INIT_HEADS)
+  _choice(config, 'freeze', pretrained.FREEZES)

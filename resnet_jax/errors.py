@@ -15,3 +15,10 @@ class CheckpointWriteError(UserError):
   Orbax's background threads for the failed save never finish, so the process must end
   without waiting for them (main.py does).
   """
+
+
+def first_line(e: BaseException, limit: int = 100) -> str:
+  """The first line of an exception's message, shortened to `limit` characters."""
+  text = str(e).strip()
+  line = text.splitlines()[0] if text else type(e).__name__
+  return line if len(line) <= limit else line[: limit - 3] + '...'

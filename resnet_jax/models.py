@@ -197,6 +197,9 @@ class ResNet(nn.Module):
   bn_momentum: float = BN_MOMENTUM
   bn_epsilon: float = BN_EPSILON
   bn_group_size: int = 0  # 0: statistics over the whole (global) batch
+  # BN normalises with its running statistics in training too and never updates them
+  # (fine-tuning with config.freeze; see resnet_jax.pretrained).
+  frozen_bn: bool = False
 
   def __post_init__(self):
     _check_choice('block', self.block, BLOCKS)
@@ -256,7 +259,7 @@ class ResNet(nn.Module):
 
   def _norm(self, train: bool) -> ModuleDef:
     common = dict(
-      use_running_average=not train,
+      use_running_average=not train or self.frozen_bn,
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
       dtype=self.dtype,

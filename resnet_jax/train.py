@@ -22,7 +22,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from resnet_jax import config_checks, data, datasets, models, optim, sharding, stack
+from resnet_jax import config_checks, data, datasets, models, optim, pretrained, sharding, stack
 from resnet_jax import train_step as ts
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpointing import Checkpoints
@@ -49,12 +49,21 @@ class Setup:
   total_steps: int
   members: list[stack.Member] | None  # None: a single run; else the stack's members
   stack_method: str = 'auto'
+  init_from: str = ''  # pretrained weights (resnet_jax.pretrained); '' for none
+  init_head: str = 'auto'
 
   def create_state(self, seed: int) -> ts.TrainState:
-    """The initial state: from `seed`, or each member's from its own seed."""
+    """The initial state: from `seed` (each member's from its own), then with the weights
+    of `init_from` in place of the seeded ones if it is set."""
     if self.members is None:
-      return ts.create_train_state(self.model, self.tx, self.input_shape, seed, self.mesh)
-    return stack.create_state(self.model, self.tx, self.input_shape, self.members, self.mesh)
+      state = ts.create_train_state(self.model, self.tx, self.input_shape, seed, self.mesh)
+    else:
+      state = stack.create_state(self.model, self.tx, self.input_shape, self.members, self.mesh)
+    if not self.init_from:
+      return state
+    expected = pretrained.model_variables(self.model, self.input_shape)
+    weights = pretrained.load(self.init_from, expected, self.init_head, self.mesh)
+    return pretrained.initialise(state, weights, self.members is not None, self.mesh)
 
   def abstract_state(self) -> ts.TrainState:
     if self.members is None:
@@ -92,8 +101,12 @@ class Setup:
     return [os.path.join(workdir, m.name) for m in self.members]
 
 
-def build(config: Any, mesh: Mesh | None = None) -> Setup:
-  """Validate the config and build the model, optimizer and schedule for this mesh."""
+def build(config: Any, mesh: Mesh | None = None, check_data: bool = True) -> Setup:
+  """Validate the config and build the model, optimizer and schedule for this mesh.
+
+  With `check_data` (training, evaluation) a missing dataset is an error now, before any
+  work; converting weights needs no data.
+  """
   config_checks.validate(config)
   mesh = sharding.make_mesh() if mesh is None else mesh
   spec = datasets.get_spec(config.dataset)
@@ -103,6 +116,7 @@ def build(config: Any, mesh: Mesh | None = None) -> Setup:
     'num_classes': spec.num_classes,
     'dtype': config.dtype,
     'bn_group_size': config.bn_group_size,
+    **pretrained.model_overrides(config.freeze),
     **{k: v for k, v in config.model_overrides.items() if v is not None},
   }
   model = models.build_model(config.model, **overrides)
@@ -118,9 +132,23 @@ def build(config: Any, mesh: Mesh | None = None) -> Setup:
     else math.ceil(config.num_epochs * steps_per_epoch)
   )
   tx, schedule = optim.create_optimizer(config, steps_per_epoch, total)
-  data.eval_batches(config, mesh)  # raises now, before any work, if the data is missing
+  tx = pretrained.frozen(tx, config.freeze)
+  if check_data:
+    data.eval_batches(config, mesh)  # raises now, before any work, if the data is missing
   method = stack.resolve_method(config.stack_method, mesh)
-  return Setup(mesh, model, tx, schedule, input_shape, steps_per_epoch, total, members, method)
+  return Setup(
+    mesh,
+    model,
+    tx,
+    schedule,
+    input_shape,
+    steps_per_epoch,
+    total,
+    members,
+    method,
+    config.init_from,
+    config.init_head,
+  )
 
 
 def restore_or_create(

@@ -46,7 +46,15 @@ FREE_FIELDS = frozenset(
   }
 )
 # The train state's structure: a change cannot be restored, whatever the flags say.
-STATE_FIELDS = ('model', 'model_overrides', 'dataset', 'optimizer', 'stack_seeds', 'stack_residual')
+STATE_FIELDS = (
+  'model',
+  'model_overrides',
+  'dataset',
+  'optimizer',
+  'freeze',  # freeze=trunk keeps optimizer state for the head only
+  'stack_seeds',
+  'stack_residual',
+)
 # What an evaluation of a checkpoint depends on.
 EVAL_FIELDS = (*STATE_FIELDS, 'dtype', 'image_size', 'normalize', 'bn_group_size')
 

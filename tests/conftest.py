@@ -43,6 +43,47 @@ def tfds_dir() -> str:
   return str(data_dir)
 
 
+@pytest.fixture(scope='session')
+def mnist_workdir(tfds_dir, tmp_path_factory) -> Path:
+  """A workdir of a 14-layer ResNet trained on 19k MNIST examples (300 steps of 64, one
+  device, ~1 min); shared by the convergence test and the fine-tuning tests."""
+  import jax
+
+  from resnet_jax import sharding, train
+
+  workdir = tmp_path_factory.mktemp('mnist_resnet14')
+  train.train_and_evaluate(
+    mnist_config(tfds_dir), str(workdir), sharding.make_mesh(jax.devices()[:1])
+  )
+  return workdir
+
+
+def mnist_config(tfds_dir: str):
+  """The config of `mnist_workdir`."""
+  from configs import default
+
+  c = default.get_config()
+  c.update(
+    dict(
+      model='cifar_resnet20',
+      dataset='mnist',
+      data_dir=tfds_dir,
+      dtype='float32',
+      batch_size=64,
+      eval_batch_size=1000,
+      num_train_steps=300,
+      warmup_steps=30,
+      learning_rate=0.4,
+      log_every_steps=100,
+      eval_every_steps=300,
+      checkpoint_every_steps=300,
+      compilation_cache_dir='',
+    )
+  )
+  c.model_overrides.stage_sizes = (2, 2, 2)
+  return c
+
+
 def _cache_dir() -> Path:
   sources = sorted(SHARED_DATASETS.iterdir())
   key = repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sources])

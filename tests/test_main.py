@@ -5,11 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
-from configs import default
-from resnet_jax import sharding, train
 from resnet_jax.metric_logging import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,28 +71,8 @@ def test_smoke_config_trains_and_logs(tmp_path):
   assert list((tmp_path / 'w' / 'tensorboard').iterdir())
 
 
-def test_small_resnet_learns_mnist(tfds_dir, tmp_path):
+def test_small_resnet_learns_mnist(mnist_workdir):
   """A 14-layer ResNet on 19k MNIST examples (300 steps of 64) reaches >= 97% test top-1."""
-  c = default.get_config()
-  c.update(
-    dict(
-      model='cifar_resnet20',
-      dataset='mnist',
-      data_dir=tfds_dir,
-      dtype='float32',
-      batch_size=64,
-      eval_batch_size=1000,
-      num_train_steps=300,
-      warmup_steps=30,
-      learning_rate=0.4,
-      log_every_steps=100,
-      eval_every_steps=300,
-      checkpoint_every_steps=300,
-      compilation_cache_dir='',
-    )
-  )
-  c.model_overrides.stage_sizes = (2, 2, 2)
-  train.train_and_evaluate(c, str(tmp_path), sharding.make_mesh(jax.devices()[:1]))
-  final = [r for r in read_metrics(tmp_path) if 'eval_top1' in r][-1]
+  final = [r for r in read_metrics(mnist_workdir) if 'eval_top1' in r][-1]
   assert final['eval_count'] == 10_000
   assert final['eval_top1'] >= 0.97, final
