@@ -10,16 +10,15 @@ see README.md "Running on many devices".
 """
 
 import contextlib
-import logging
 import os
 import sys
 from typing import Any
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from resnet_jax.errors import CheckpointWriteError, UserError
+from resnet_jax.metric_logging import console_logging
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -123,23 +122,8 @@ def _drop_closed_loop_callbacks(kind: type, error: BaseException, tb: Any) -> No
   sys.__excepthook__(kind, error, tb)
 
 
-class _OwnLinesOnly(logging.Filter):
-  """Console: our own log lines, other libraries' from ERROR, and none of orbax's.
-
-  Orbax warns on every eval and logs each failed background save with tracebacks from
-  several threads; resnet_jax.checkpointing reports those failures in one line itself.
-  """
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.name.startswith('resnet_jax'):
-      return True
-    return record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' not in record.pathname
-
-
 def run(_) -> None:
-  absl_logging.set_verbosity(absl_logging.WARNING)  # the libraries: no INFO records at all
-  absl_logging.get_absl_handler().addFilter(_OwnLinesOnly())
-  logging.getLogger('resnet_jax').setLevel(logging.INFO)
+  console_logging()
   _init_jax()
   from resnet_jax import train  # after jax.distributed: it must come before any jax use
 

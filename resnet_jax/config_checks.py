@@ -104,6 +104,7 @@ def validate(config: Any) -> None:
   _int(config, 'prefetch_batches', 0, '>= 0')
   _int(config, 'shuffle_buffer', 1, 'positive')
   if not isinstance(config.init_from, str):
-    _fail('init_from', config.init_from, "a path ('' for none)")
+    should = 'the weights to start from: a .safetensors/.pth file or a workdir'
+    _fail('init_from', config.init_from, should if config.init_from is None else "a path ('')")
   _choice(config, 'init_head', pretrained.INIT_HEADS)
   _choice(config, 'freeze', pretrained.FREEZES)

@@ -30,6 +30,7 @@ from resnet_jax import train_step as ts
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpointing import Checkpoints
 from resnet_jax.errors import UserError
+from resnet_jax.metric_logging import console_logging
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _member(
 
 
 def run(_) -> None:
-  logging.getLogger('resnet_jax').setLevel(logging.INFO)
+  console_logging()
   source, target = FLAGS['from'].value, FLAGS.to
   if (source is None) == (target is None):
     raise UserError('give either --from=FILE (import) or --to=FILE (export).')

@@ -223,3 +223,26 @@ def _plain(v: Any) -> Any:
 def _duration(seconds: float) -> str:
   h, rest = divmod(int(seconds), 3600)
   return f'{h}h{rest // 60:02d}m' if h else f'{rest // 60}m{rest % 60:02d}s'
+
+
+class _OwnLinesOnly(logging.Filter):
+  """Console: our own log lines, other libraries' from ERROR, and none of orbax's.
+
+  Orbax warns on every eval and logs each failed background save with tracebacks from
+  several threads; resnet_jax.checkpointing reports those failures in one line itself.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name.startswith('resnet_jax'):
+      return True
+    return record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+def console_logging() -> None:
+  """The console of main.py and the other command-line tools: our INFO lines, the
+  libraries' errors (orbax's excepted), nothing else."""
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.WARNING)  # the libraries: no INFO records at all
+  absl_logging.get_absl_handler().addFilter(_OwnLinesOnly())
+  logging.getLogger('resnet_jax').setLevel(logging.INFO)

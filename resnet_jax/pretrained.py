@@ -68,7 +68,7 @@ def load(source: str, expected: Variables, init_head: str, mesh: Mesh) -> Variab
 
   Returns numpy variables in our layout; without a head when the run gets a new one.
   """
-  if os.path.isdir(source):
+  if _is_workdir(source):
     state_dict = torch_weights.to_torch(_from_workdir(source, mesh))
   else:
     state_dict = torch_weights.read(source)
@@ -80,6 +80,16 @@ def load(source: str, expected: Variables, init_head: str, mesh: Mesh) -> Variab
   variables = torch_weights.from_torch(state_dict, expected, source, () if keep_head else (HEAD,))
   log.info('initialised from %s, %s', source, 'its head too' if keep_head else 'with a new head')
   return variables
+
+
+def _is_workdir(source: str) -> bool:
+  """Whether `source` names a workdir or WORKDIR/<member> (a member's directory holds only
+  its metrics, or nothing yet) rather than a weights file."""
+  if os.path.isdir(source):
+    return True
+  parent = os.path.dirname(os.path.normpath(source))
+  is_file_name = source.endswith(('.safetensors', *torch_weights.PTH_SUFFIXES))
+  return not is_file_name and os.path.isdir(os.path.join(parent, 'checkpoints'))
 
 
 def _from_workdir(path: str, mesh: Mesh) -> Variables:

@@ -230,7 +230,7 @@ def torchvision_differences(model: Any) -> list[str]:
 
 # --- Files ----------------------------------------------------------------------------
 
-_PTH = ('.pth', '.pt', '.bin')
+PTH_SUFFIXES = ('.pth', '.pt', '.bin')  # torch.save files
 
 
 def read(path: str) -> StateDict:
@@ -244,7 +244,7 @@ def read(path: str) -> StateDict:
       return load_file(path)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
       raise UserError(f'{path} is not a readable safetensors file ({first_line(e)}).') from e
-  if path.endswith(_PTH):
+  if path.endswith(PTH_SUFFIXES):
     return _read_pth(path)
   raise UserError(f'{path}: unknown weights format; give a .safetensors or .pth file.')
 
