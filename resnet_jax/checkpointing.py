@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from resnet_jax import sharding
 from resnet_jax.errors import CheckpointWriteError, UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ def fingerprints(tree: Any) -> dict[str, str]:
   if not named:
     return {}
   sums = _fingerprint_arrays([x for _, x in named])
-  # Replicated, so this process's first shard is the whole result (works on many hosts too).
-  sums = np.asarray(sums.addressable_data(0))
+  sums = sharding.host_copy(sums)  # replicated
   return {leaf_name(p): f'{a:08x}{b:08x}' for (p, _), (a, b) in zip(named, sums, strict=True)}
 
 

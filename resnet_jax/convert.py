@@ -21,11 +21,10 @@ import sys
 from typing import Any
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_jax import pretrained, stack, torch_weights, train
+from resnet_jax import models, pretrained, sharding, stack, torch_weights, train
 from resnet_jax import train_step as ts
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpointing import Checkpoints
@@ -57,7 +56,7 @@ def import_weights(config: Any, workdir: str, source: str) -> str:
   workdir_lib.prepare(workdir)
   if workdir_lib.has_history(workdir):
     raise UserError(f'{workdir} already holds a run; import into a new --workdir.')
-  expected = pretrained.model_variables(setup.model, setup.input_shape)
+  expected = models.variable_shapes(setup.model, setup.input_shape)
   weights = torch_weights.from_torch(torch_weights.read(source), expected, source)
   for difference in torch_weights.torchvision_differences(setup.model):
     log.warning('the model differs from torchvision`s ResNet: %s', difference)
@@ -79,14 +78,9 @@ def export_weights(
   if os.path.exists(target):
     raise UserError(f'{target} exists; give a new --to file (nothing was written).')
   setup = train.build(config, check_data=False)
-  workdir_lib.check_config(config, workdir, for_eval=True)
-  with contextlib.closing(Checkpoints(workdir, config.keep_checkpoints, read_only=True)) as ckpt:
-    if not ckpt.steps():
-      raise UserError(f'no checkpoint in {ckpt.directory}; train first.')
-    state = ckpt.restore(setup.abstract_state(), step)
+  state = train.read_checkpoint(setup, config, workdir, step)
   state, member = _member(state, setup.members, member)
-  local = lambda x: np.asarray(x.addressable_data(0))  # replicated: the whole array
-  variables = {k: jax.tree.map(local, getattr(state, k)) for k in ('params', 'batch_stats')}
+  variables = sharding.host_copy({'params': state.params, 'batch_stats': state.batch_stats})
   model = setup.model if member is None else setup.model.clone(residual=member.residual)
   name = torch_weights.torchvision_name(model)
   metadata = {

@@ -357,6 +357,13 @@ def default_input(name: str) -> tuple[int, int]:
   return {'cifar': (32, 3), 'mnist': (28, 1)}.get(name.split('_')[0], (224, 3))
 
 
+def variable_shapes(model: ResNet, input_shape: Sequence[int]) -> dict[str, Any]:
+  """Shapes and dtypes of `model`'s variables ('params', 'batch_stats') for inputs of
+  `input_shape` (H, W, C), not computed."""
+  init = lambda x: model.init(jax.random.key(0), x, train=False)
+  return jax.eval_shape(init, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+
+
 def build_model(name: str, **overrides: Any) -> ResNet:
   """The architecture `name` from ARCHITECTURES, with any ResNet field overridden."""
   return ResNet(**model_kwargs(name, overrides))

@@ -57,12 +57,6 @@ def frozen(tx: optax.GradientTransformation, freeze: str) -> optax.GradientTrans
   return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
-def model_variables(model: models.ResNet, input_shape: tuple[int, ...]) -> Variables:
-  """Shapes and dtypes of one run's variables of `model` (not computed)."""
-  zeros = jax.ShapeDtypeStruct((1, *input_shape), np.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), zeros)
-
-
 def load(source: str, expected: Variables, init_head: str, mesh: Mesh) -> Variables:
   """The weights in `source` that initialise a run whose variables are `expected`.
 
@@ -109,10 +103,8 @@ def _from_workdir(path: str, mesh: Mesh) -> Variables:
     saved = checkpoints.restore_as_saved(sharding.replicated(mesh))
   if saved is None:
     raise UserError(f'init_from={path} has no checkpoint yet; train it first or give another.')
-  take = (lambda x: x) if index is None else (lambda x: x[index])
-  return {
-    k: jax.tree.map(lambda x: take(np.asarray(x)), saved[k]) for k in ('params', 'batch_stats')
-  }
+  variables = sharding.host_copy({k: saved[k] for k in ('params', 'batch_stats')})
+  return variables if index is None else jax.tree.map(lambda x: x[index], variables)
 
 
 class _Recorded(dict):

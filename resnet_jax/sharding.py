@@ -6,6 +6,7 @@ pipeline, the train step and checkpoint restore agree on the layout.
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,6 +38,15 @@ def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """The same full copy on every device of the mesh."""
   return NamedSharding(mesh, PartitionSpec())
+
+
+def host_copy(tree: Any) -> Any:
+  """numpy copies of the replicated arrays of `tree`.
+
+  This process's first shard is the whole array, on many hosts too (where np.asarray of
+  a global array fails: not every shard is addressable).
+  """
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> None:

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from resnet_jax import sharding
+from resnet_jax import models, sharding
 from resnet_jax import train_step as ts
 from resnet_jax.errors import UserError
 
@@ -118,10 +118,7 @@ def stack_model(model: Any, stack: Sequence[Member], input_shape: tuple[int, ...
   residual = model.clone(residual=True)
   if all(m.residual for m in stack):
     return residual
-  shapes = [
-    jax.eval_shape(lambda m=m: m.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
-    for m in (residual, model.clone(residual=False))
-  ]
+  shapes = [models.variable_shapes(m, input_shape) for m in (residual, model.clone(residual=False))]
   if jax.tree.structure(shapes[0]) != jax.tree.structure(shapes[1]) or jax.tree.leaves(
     shapes[0]
   ) != jax.tree.leaves(shapes[1]):

@@ -61,7 +61,7 @@ class Setup:
       state = stack.create_state(self.model, self.tx, self.input_shape, self.members, self.mesh)
     if not self.init_from:
       return state
-    expected = pretrained.model_variables(self.model, self.input_shape)
+    expected = models.variable_shapes(self.model, self.input_shape)
     weights = pretrained.load(self.init_from, expected, self.init_head, self.mesh)
     return pretrained.initialise(state, weights, self.members is not None, self.mesh)
 
@@ -383,6 +383,22 @@ class _Profile:
       jax.profiler.stop_trace()
 
 
+def read_checkpoint(
+  setup: Setup,
+  config: Any,
+  workdir: str,
+  step: int | None = None,
+  allow_config_change: Sequence[str] = (),
+) -> ts.TrainState:
+  """The state of `workdir`'s checkpoint at `step` (default: the latest good one), read
+  without changing anything; the config must be one that the workdir can be read with."""
+  workdir_lib.check_config(config, workdir, allow_config_change, for_eval=True)
+  with contextlib.closing(Checkpoints(workdir, config.keep_checkpoints, read_only=True)) as ckpt:
+    if not ckpt.steps():
+      raise UserError(f'no checkpoint in {ckpt.directory}; train first (without --mode=eval).')
+    return ckpt.restore(setup.abstract_state(), step)
+
+
 def evaluate_checkpoint(
   config: Any,
   workdir: str,
@@ -397,11 +413,7 @@ def evaluate_checkpoint(
   checkpoints without changing them: a damaged latest one is skipped, not moved.
   """
   setup = build(config, mesh)
-  workdir_lib.check_config(config, workdir, allow_config_change, for_eval=True)
-  with contextlib.closing(Checkpoints(workdir, config.keep_checkpoints, read_only=True)) as ckpt:
-    if not ckpt.steps():
-      raise UserError(f'no checkpoint in {ckpt.directory}; train first (without --mode=eval).')
-    state = ckpt.restore(setup.abstract_state(), step)
+  state = read_checkpoint(setup, config, workdir, step, allow_config_change)
   per_member = setup.evaluate(setup.eval_step(), state, data.eval_batches(config, setup.mesh))
   for member_dir, metrics in zip(setup.member_dirs(workdir), per_member, strict=True):
     with contextlib.closing(MetricWriter(member_dir, jax.process_index() == 0)) as writer:

@@ -20,9 +20,7 @@ from resnet_jax.metric_logging import read_metrics
 
 
 def _state(config, workdir):
-  setup = train.build(config, check_data=False)
-  with contextlib.closing(Checkpoints(str(workdir), read_only=True)) as checkpoints:
-    return checkpoints.restore(setup.abstract_state())
+  return train.read_checkpoint(train.build(config, check_data=False), config, str(workdir))
 
 
 def _flat(tree) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnet_jax import convert, models, pretrained, train
+from resnet_jax import convert, models, train
 from resnet_jax import torch_weights as tw
 from resnet_jax.checkpointing import Checkpoints
 from resnet_jax.errors import UserError
@@ -32,7 +32,7 @@ def _model(name: str) -> models.ResNet:
 
 
 def _expected(model: models.ResNet, size: int = tp.SIZE) -> dict:
-  return pretrained.model_variables(model, (size, size, 3))
+  return models.variable_shapes(model, (size, size, 3))
 
 
 def _generated(model: models.ResNet) -> dict[str, np.ndarray]:
