@@ -62,6 +62,22 @@ def _harness(rows: Sequence[dict[str, Any]], loop_row: dict[str, Any]) -> dict[s
   return found
 
 
+def _default_img_per_s(rows: Sequence[dict[str, Any]], row: dict[str, Any]) -> float | None:
+  """Mean img/s of the default step's rows (no model overrides, no extra XLA flags) of the
+  same model, batch, image size and dtype: the baseline a variant is an A/B against.
+  A default row measured again later shows the card's drift against the same mean."""
+  keys = ('model', 'batch', 'image_size', 'dtype')
+  speeds = [
+    r['img_per_s']
+    for r in rows
+    if r.get('who') == 'resnet_jax'
+    and all(r.get(k) == row[k] for k in keys)
+    and not r.get('model_overrides')
+    and not r.get('extra_xla_flags')
+  ]
+  return sum(speeds) / len(speeds) if speeds else None
+
+
 def _gib(n: float | None) -> str:
   return '-' if n is None else f'{n / GIB:.2f}'
 
@@ -80,6 +96,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     'jax img/s',
     'compiled',
     'ratio',
+    'vs default',
     'eager',
     'jax GiB',
     'torch GiB',
@@ -95,6 +112,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
       continue
     compiled, eager = _torch(rows, r, 'bf16_compiled'), _torch(rows, r, 'bf16_eager')
     ratio = r['img_per_s'] / compiled['img_per_s'] if compiled else None
+    default = _default_img_per_s(rows, r)
+    vs_default = r['img_per_s'] / default if default else None
     torch_peak = compiled.get('peak_bytes') if compiled else None
     jax_peak = r.get('peak_bytes_in_use')
     mem_ratio = jax_peak / torch_peak if jax_peak and torch_peak else None
@@ -111,6 +130,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         f'{r["img_per_s"]:.0f}',
         _num(compiled and compiled['img_per_s'], '.0f'),
         _num(ratio, '.2f'),
+        '-' if vs_default is None else f'{vs_default - 1:+.1%}',
         _num(eager and eager['img_per_s'], '.0f'),
         _gib(jax_peak),
         _gib(torch_peak),

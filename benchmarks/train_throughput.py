@@ -248,6 +248,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     'host_cores': os.cpu_count(),
     'host_load_1m': round(os.getloadavg()[0], 2),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'extra_xla_flags': args.xla_flags,
     'compilation_cache_dir': args.cache_path,
   }
 

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import max_pool
 from resnet_jax.errors import UserError
 
 ModuleDef = Callable[..., nn.Module]
@@ -172,6 +173,11 @@ BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
 STEMS = ('imagenet', 'cifar')
 SHORTCUTS = ('A', 'B', 'C')
 STRIDE_PLACEMENTS = ('v1', 'v1.5')
+MAX_POOL_IMPLS = ('xla', 'index')
+STEM_IMPLS = ('conv', 'space_to_depth')
+CONV1X1_IMPLS = ('conv', 'dot')
+# Fields that choose how, not what: the same function and parameters either way.
+IMPL_FIELDS = ('max_pool_impl', 'stem_impl', 'stem_input_channels', 'conv1x1_impl')
 
 
 class ResNet(nn.Module):
@@ -200,6 +206,16 @@ class ResNet(nn.Module):
   # BN normalises with its running statistics in training too and never updates them
   # (fine-tuning with config.freeze; see resnet_jax.pretrained).
   frozen_bn: bool = False
+  # How, not what: each switch below computes the same function with the same parameters
+  # another way, for speed on accelerators (issue 11; figures in benchmarks/RESULTS.md).
+  # 'index': the stem's max pool with resnet_jax.max_pool's index VJP (no select-and-scatter).
+  max_pool_impl: str = 'xla'
+  # 'space_to_depth': the 7x7/2 stem conv as a 4x4/1 conv over 2x2 blocks (12 channels).
+  stem_impl: str = 'conv'
+  # The stem sees the image's channels zero-padded to this many (e.g. 4), its kernel too.
+  stem_input_channels: int = 0
+  # 'dot': 1x1 convolutions as dot_general over channels (a GEMM library, not cuDNN).
+  conv1x1_impl: str = 'conv'
 
   def __post_init__(self):
     _check_choice('block', self.block, BLOCKS)
@@ -207,6 +223,9 @@ class ResNet(nn.Module):
     _check_choice('shortcut', self.shortcut, SHORTCUTS)
     _check_choice('stride_placement', self.stride_placement, STRIDE_PLACEMENTS)
     _check_choice('kernel_init', self.kernel_init, KERNEL_INITS)
+    _check_choice('max_pool_impl', self.max_pool_impl, MAX_POOL_IMPLS)
+    _check_choice('stem_impl', self.stem_impl, STEM_IMPLS)
+    _check_choice('conv1x1_impl', self.conv1x1_impl, CONV1X1_IMPLS)
     if len(self.stage_sizes) != len(self.stage_widths):
       raise UserError(
         f'stage_sizes {tuple(self.stage_sizes)} and stage_widths '
@@ -219,19 +238,28 @@ class ResNet(nn.Module):
     self, x: jax.Array, train: bool = True, shortcut_gate: jax.Array | None = None
   ) -> jax.Array:
     """Logits for images `x`; `shortcut_gate` (a scalar, 0 or 1) scales every shortcut."""
-    conv = functools.partial(
-      _Conv,
+    common = dict(
       use_bias=False,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       kernel_init=KERNEL_INITS[self.kernel_init],
     )
+    conv = functools.partial(_conv, dot_1x1=self.conv1x1_impl == 'dot', **common)
     norm = self._norm(train)
     x = x.astype(self.dtype)
     if self.stem == 'imagenet':
-      x = conv(self.stem_width, (7, 7), (2, 2), name='stem_conv')(x)
+      x = _StemConv(
+        self.stem_width,
+        (7, 7),
+        (2, 2),
+        impl=self.stem_impl,
+        input_channels=self.stem_input_channels,
+        name='stem_conv',
+        **common,
+      )(x)
       x = nn.relu(norm(name='stem_bn')(x))
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      pool = max_pool.max_pool if self.max_pool_impl == 'index' else nn.max_pool
+      x = pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(self.stem_width, (3, 3), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
@@ -281,6 +309,79 @@ class _Conv(nn.Conv):
     if self.padding == 'SAME':
       object.__setattr__(self, 'padding', tuple((k // 2, k // 2) for k in self.kernel_size))
     super().__post_init__()
+
+
+class _DotConv(_Conv):
+  """A bias-free 1x1 convolution as a dot_general over the channels of the strided input:
+  the same function and kernel, computed by a GEMM library instead of a convolution one."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (1, 1, x.shape[-1], self.features)
+    kernel = self.param('kernel', self.kernel_init, shape, self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
+    x = x[:, ::sh, ::sw, :]
+    return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())), precision=self.precision)
+
+
+def _conv(features: int, kernel_size: Sequence[int], *args, dot_1x1: bool, **kwargs) -> nn.Conv:
+  """The blocks' convolution: a _Conv, or a _DotConv for a 1x1 kernel with `dot_1x1`."""
+  is_1x1 = tuple(kernel_size) == (1, 1) and not kwargs.get('use_bias', True)
+  cls = _DotConv if dot_1x1 and is_1x1 else _Conv
+  return cls(features, kernel_size, *args, **kwargs)
+
+
+class _StemConv(_Conv):
+  """The ImageNet stem's 7x7/2 convolution (torchvision's padding 3), computed either as
+  that convolution or as a 4x4/1 convolution over 2x2 space-to-depth blocks.
+
+  Space to depth: H x W x C becomes H/2 x W/2 x 4C and the kernel, zero-padded in front to
+  8x8, becomes 4x4 x 4C; output (i, j) then reads the blocks i-2..i+1, which are exactly
+  rows 2i-4..2i+3 of the image, the first of them under the zero row. The parameter is
+  the 7x7 kernel either way (checkpoints and torchvision weights are unchanged), and
+  `input_channels` zero-pads the image's channels and the kernel's to match.
+  """
+
+  impl: str = 'conv'
+  input_channels: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (7, 7, x.shape[-1], self.features)
+    kernel = self.param('kernel', self.kernel_init, shape, self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    extra = max(self.input_channels - x.shape[-1], 0)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    if self.impl == 'space_to_depth':
+      x, kernel = _space_to_depth(x), _space_to_depth_kernel(kernel)
+      strides, padding = (1, 1), ((2, 1), (2, 1))
+    else:
+      strides, padding = (2, 2), ((3, 3), (3, 3))
+    dimensions = ('NHWC', 'HWIO', 'NHWC')
+    return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=dimensions, precision=self.precision
+    )
+
+
+def _space_to_depth(x: jax.Array) -> jax.Array:
+  """N x H x W x C -> N x H/2 x W/2 x 4C, channel (a, b, c) from pixel (2i + a, 2j + b)."""
+  n, h, w, c = x.shape
+  if h % 2 or w % 2:
+    raise UserError(
+      f'stem_impl=space_to_depth needs an even image size, got {h}x{w}; use stem_impl=conv.'
+    )
+  x = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h // 2, w // 2, 4 * c)
+
+
+def _space_to_depth_kernel(kernel: jax.Array) -> jax.Array:
+  """7 x 7 x C x F -> 4 x 4 x 4C x F, laid out as _space_to_depth lays out the input."""
+  _, _, c, f = kernel.shape
+  kernel = jnp.pad(kernel, ((1, 0), (1, 0), (0, 0), (0, 0)))
+  kernel = kernel.reshape(4, 2, 4, 2, c, f).transpose(0, 2, 1, 3, 4, 5)
+  return kernel.reshape(4, 4, 4 * c, f)
 
 
 def _check_choice(field: str, value: Any, choices: Sequence[str]) -> None:

@@ -1,8 +1,8 @@
 """The workdir's contract: it is writable, and it remembers the config that made it.
 
 The first start writes WORKDIR/config.json. A restart compares its config with it:
-- bookkeeping fields (`FREE_FIELDS`: log/eval/checkpoint intervals, data_dir, ...) may
-  change freely;
+- bookkeeping fields (`FREE_FIELDS`: log/eval/checkpoint intervals, data_dir, ...) and
+  the model's implementation switches (`models.IMPL_FIELDS`) may change freely;
 - fields that define the train state (`STATE_FIELDS`: model, its overrides, dataset,
   optimizer, a stack's members) can never change: the checkpoints hold another state;
 - every other field changes what the run computes (batch size, seed, schedule, ...): a
@@ -24,6 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from resnet_jax.errors import UserError
+from resnet_jax.models import IMPL_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ FREE_FIELDS = frozenset(
     'prefetch_batches',
     'eval_batch_size',
     'stack_method',  # how a stack's members share the program, not what they compute
+    # How the model computes its function (same parameters), e.g. to suit another chip.
+    *(f'model_overrides.{field}' for field in IMPL_FIELDS),
   }
 )
 # The train state's structure: a change cannot be restored, whatever the flags say.
@@ -146,7 +149,7 @@ def _allowed_changes(
 ) -> list[str]:
   """check_config against the recorded (flattened) config `saved`."""
   current = flatten(config)
-  changed = differences(saved, current)
+  changed = [f for f in differences(saved, current) if f not in FREE_FIELDS]
   if for_eval:
     changed = [f for f in changed if _top(f) in EVAL_FIELDS]
   else:

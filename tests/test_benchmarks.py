@@ -1,5 +1,6 @@
 """The benchmark harnesses run, report what they promise and import no tensorflow."""
 
+import collections
 import json
 import os
 import subprocess
@@ -187,8 +188,15 @@ def test_compare_table_ratios_and_targets():
     compare.load(['RESULT ' + json.dumps(jax_row), json.dumps(torch_row), 'not a result'])
   )
   line = text.splitlines()[1].split()
-  assert line[4:7] == ['7500', '5000', '1.50'] and line[8:11] == ['20.00', '25.00', '0.80']
+  assert line[4:8] == ['7500', '5000', '1.50', '+0.0%'] and line[9:12] == ['20.00', '25.00', '0.80']
   assert line[-1] == 'met' and '7.00->6.00 ok' in text
+  # A variant of the same step is compared with the default rows of the same run.
+  variant = dict(
+    jax_row, label='pool', img_per_s=8250.0, model_overrides={'max_pool_impl': 'index'}
+  )
+  flagged = dict(jax_row, label='flag', img_per_s=6750.0, extra_xla_flags='--xla_x=true')
+  lines = compare.table([jax_row, torch_row, variant, flagged]).splitlines()
+  assert [line.split()[7] for line in lines[1:4]] == ['+0.0%', '+10.0%', '-10.0%']
 
 
 def test_parse_overrides_literals_strings_and_errors():
@@ -243,14 +251,164 @@ def test_step_profile_kinds(hlo_op, kind):
   assert step_profile.op_kind(hlo_op) == kind
 
 
-def test_step_profile_traces_the_step_and_sums_per_op():
+@pytest.mark.parametrize(
+  'shape, num_bytes',
+  [
+    ('bf16[256,56,56,64]{3,2,1,0}', 256 * 56 * 56 * 64 * 2),
+    ('f32[64]', 256),
+    ('(f32[64]{0}, f32[64]{0})', 512),
+    ('pred[8,4]{1,0}', 32),
+    ('s32[]', 4),
+    ('(s32[], f32[16], f32[16]{0}, f32[16], f32[16], /*index=5*/bf16[2,3]{1,0:T(8,128)})', 272),
+    ('(bf16[8,16]{1,0}, u8[0]{0})', 256),
+    ('f32[<=8,4]{1,0}', 128),
+    ('s4[10]', 5),
+    ('f8e4m3fn[16]', 16),
+    ('token[]', 0),
+  ],
+)
+def test_step_profile_shape_bytes(shape, num_bytes):
+  assert step_profile.shape_bytes(shape) == num_bytes
+
+
+# A module as `Compiled.as_text()` prints one, with what the byte count must see through:
+# a reducer and fusion bodies (no kernels), a multi-output reduction fusion, a cuDNN custom
+# call with a tuple result, a while loop whose body runs a fusion (operands printed with
+# their shapes), a command buffer's call, bitcasts, tuples and an operand list with an
+# `/*index=5*/` comment.
+STEP_HLO = """\
+HloModule jit_step, entry_computation_layout={(bf16[8,4,4,16]{3,2,1,0}, f32[16]{0})->(f32[16]{0})}
+
+%region_add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%a, %b)
+}
+
+%fused_stats (param_0: bf16[8,4,4,16]) -> (f32[16], f32[16]) {
+  %param_0 = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  %convert.1 = f32[8,4,4,16]{3,2,1,0} convert(%param_0)
+  %zero = f32[] constant(0)
+  %reduce.1 = f32[16]{0} reduce(%convert.1, %zero), dimensions={0,1,2}, to_apply=%region_add
+  %multiply.1 = f32[8,4,4,16]{3,2,1,0} multiply(%convert.1, %convert.1)
+  %reduce.2 = f32[16]{0} reduce(%multiply.1, %zero), dimensions={0,1,2}, to_apply=%region_add
+  ROOT %tuple.1 = (f32[16]{0}, f32[16]{0}) tuple(%reduce.1, %reduce.2)
+}
+
+%fused_scale (param_0.1: f32[16], param_1: f32[16]) -> f32[1,16] {
+  %param_0.1 = f32[16]{0} parameter(0)
+  %param_1 = f32[16]{0} parameter(1)
+  %multiply.2 = f32[16]{0} multiply(%param_0.1, %param_1)
+  ROOT %bitcast.1 = f32[1,16]{1,0} bitcast(%multiply.2)
+}
+
+%body (loop: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %loop = (s32[], f32[16]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%loop), index=0
+  %v = f32[16]{0} get-tuple-element(%loop), index=1
+  %scaled = f32[1,16]{1,0} fusion(f32[16]{0} %v, f32[16]{0} %v), kind=kLoop, calls=%fused_scale
+  %flat = f32[16]{0} bitcast(%scaled)
+  ROOT %next = (s32[], f32[16]{0}) tuple(%i, %flat)
+}
+
+%cond (loop.1: (s32[], f32[16])) -> pred[] {
+  %loop.1 = (s32[], f32[16]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%loop.1), index=0
+  %ten = s32[] constant(10)
+  ROOT %less = pred[] compare(%i.1, %ten), direction=LT
+}
+
+%command_buffer (p: f32[16]) -> f32[16] {
+  %p = f32[16]{0} parameter(0)
+  ROOT %negate.1 = f32[16]{0} negate(%p)
+}
+
+ENTRY %main (x: bf16[8,4,4,16], w: f32[16]) -> (f32[16], f32[96]) {
+  %x = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  %w = f32[16]{0} parameter(1)
+  %conv = (bf16[8,4,4,16], u8[0]) custom-call(%x, %x), custom_call_target="__cudnn$convForward"
+  %y = bf16[8,4,4,16]{3,2,1,0} get-tuple-element(%conv), index=0
+  %stats = (f32[16]{0}, f32[16]{0}) fusion(%y), kind=kInput, calls=%fused_stats
+  %mean = f32[16]{0} get-tuple-element(%stats), index=0
+  %start = s32[] constant(0)
+  %init = (s32[], f32[16]{0}) tuple(%start, %mean)
+  %while = (s32[], f32[16]{0}) while(%init), condition=%cond, body=%body
+  %result = f32[16]{0} get-tuple-element(%while), index=1
+  %negated = f32[16]{0} call(%w), to_apply=%command_buffer
+  %cat = f32[96]{0} concatenate(%w, %w, %w, %w, %w, /*index=5*/%w), dimensions={0}
+  ROOT %out = (f32[16]{0}, f32[96]{0}) tuple(%result, %cat)
+}
+
+FileNames
+1 "step.py"
+"""
+
+
+def test_step_profile_kernels_are_the_executed_instructions_and_their_bytes():
+  module = step_profile.parse_hlo(STEP_HLO)
+  assert len(module) == 7 and module['main'].is_entry and module['main'].root == 'out'
+  executed = {c.name for c in step_profile.executed_computations(module)}
+  # Not the fusion bodies, not the reducer.
+  assert executed == {'main', 'cond', 'body', 'command_buffer'}
+  kernels = step_profile.kernel_ops(module)
+  x_bytes = 8 * 4 * 4 * 16 * 2  # bf16[8,4,4,16]
+  assert {op: (k.bytes, k.hint) for op, k in kernels.items()} == {
+    'conv': (3 * x_bytes, '__cudnn$convForward'),  # two bf16 operands, tuple result + u8[0]
+    'stats': (x_bytes + 2 * 64, 'kInput tuple(reduce, reduce)'),
+    'cat': (6 * 64 + 384, 'concatenate'),
+    'scaled': (3 * 64, 'kLoop multiply'),  # the root seen through its bitcast
+    'less': (4 + 4 + 1, 'compare'),
+    'negate.1': (2 * 64, 'negate'),
+  }
+  assert kernels['stats'].reads == ('y bf16[8,4,4,16]{3,2,1,0}',)
+  # The slowest op is the convolution, which is no fusion.
+  ms = collections.Counter({'conv': 2.0, 'stats': 1.0, 'scaled': 0.5})
+  text = step_profile.fusion_bodies(ms, module, kernels, 1)
+  assert text.startswith('--- stats (kInput tuple(reduce, reduce)): 1.0 ms/step, 0.004 MB')
+  assert 'reads: y bf16[8,4,4,16]' in text and '%reduce.2 = f32[16]{0} reduce(' in text
+
+
+def test_step_profile_summarizes_bytes_and_gb_per_s():
+  kernels = {'input_reduce_fusion.3': step_profile.KernelOp(6_000_000, 'kInput reduce', (), 'f')}
+  events = [('input_reduce_fusion.3', 3e6)] * 2 + [('command_buffer_935', 2e6)]
+  ms = step_profile.instance_ms(iter(events), steps=2)
+  row = step_profile.summarize(ms, top=5, kernels=kernels)
+  assert row['device_ms_per_step'] == 4.0 and row['bytes_coverage'] == 0.75
+  assert row['gb_per_s_by_kind'] == {'reduction fusion': 2.0}  # 6 MB in 3 ms
+  assert row['top_fusions'] == [
+    {
+      'op': 'input_reduce_fusion.3',
+      'kind': 'reduction fusion',
+      'hint': 'kInput reduce',
+      'ms': 3.0,
+      'mb': 6.0,
+      'gb_per_s': 2.0,
+    },
+    # A command buffer's events have no instruction of their own, hence no bytes.
+    {
+      'op': 'command_buffer_935',
+      'kind': 'other',
+      'hint': None,
+      'ms': 1.0,
+      'mb': None,
+      'gb_per_s': None,
+    },
+  ]
+  text = step_profile.table({'model': 'm', 'batch': 1, 'dtype': 'float32', **row})
+  assert 'bytes and GB/s per op (75.0% of device time has bytes' in text
+  assert '6.000       2.0  input_reduce_fusion.3 (kInput reduce)' in text
+  assert '-         -  command_buffer_935 (no HLO match)' in text
+
+
+def test_step_profile_traces_the_step_and_sums_per_op(tmp_path):
   proc = _run_python(
-    """
+    f"""
       import sys
       from benchmarks import step_profile
       sys.exit(step_profile.main(['--model', 'cifar_resnet20', '--batch', '8', '--image_size',
                                   '16', '--dtype', 'fp32', '--steps', '2', '--top', '5',
-                                  '--compilation_cache_dir', '']))
+                                  '--compilation_cache_dir', '', '--show_fusions', '1',
+                                  '--dump_hlo', {str(tmp_path)!r}]))
       """
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -259,6 +417,13 @@ def test_step_profile_traces_the_step_and_sums_per_op():
   assert row['device_ms_per_step'] > 0
   assert sum(row['kinds'].values()) == pytest.approx(row['device_ms_per_step'], rel=1e-3)
   assert 'ms device time/step' in proc.stdout
+  # On CPU every thunk's event names an instruction of the entry computation.
+  assert row['bytes_coverage'] > 0.9 and len(row['top_fusions']) == 5
+  assert all(op['mb'] > 0 and op['gb_per_s'] > 0 for op in row['top_fusions'])
+  assert all(gb_s > 0 for gb_s in row['gb_per_s_by_kind'].values())
+  assert 'bytes and GB/s per op' in proc.stdout and '\nreads: ' in proc.stdout
+  assert row['hlo'] == str(tmp_path / 'step.hlo.txt')
+  assert (tmp_path / 'step.hlo.txt').read_text().startswith('HloModule')
 
 
 def test_bn_stats_finds_every_bn_and_its_ways_agree(capsys):

@@ -112,6 +112,12 @@ def test_bookkeeping_fields_may_change_freely(tmp_path):
   workdir.record_config(c, str(tmp_path))
   changed = _config(log_every_steps=7, keep_checkpoints=9, eval_batch_size=64, data_dir='/x')
   assert workdir.check_config(changed, str(tmp_path)) == []
+  # The model's implementation switches say how, not what: the same state either way.
+  how = _config()
+  how.model_overrides.max_pool_impl = 'index'
+  how.model_overrides.conv1x1_impl = 'dot'
+  assert workdir.check_config(how, str(tmp_path)) == []
+  assert workdir.check_config(how, str(tmp_path), for_eval=True) == []
   with pytest.raises(UserError, match='unknown fields: num_train_step'):
     workdir.check_config(_config(num_train_steps=9), str(tmp_path), ['num_train_step'])
   with pytest.raises(UserError, match='define the model and optimizer state'):

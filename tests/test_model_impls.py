@@ -1,0 +1,148 @@
+"""The model's implementation switches (issue 11) compute the default's function.
+
+max_pool_impl='index' is bitwise equal to nn.max_pool, value and gradient; the other
+switches reorder float32 sums, so they are compared with bounds derived from rounding:
+a sum of n products reordered moves by at most about n * eps relative to its largest
+term, and what follows the op only adds the same rounding to both paths.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import max_pool, models
+from resnet_jax.errors import UserError
+
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+POOL = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _rel(a: jax.Array, b: jax.Array) -> float:
+  """Largest difference relative to the largest magnitude of `b` (0 where both are 0)."""
+  return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+
+def _tie_heavy(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+  """ReLU of normals (a third of all windows tie at zero) or integer plateaus."""
+  x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+  return np.maximum(x, 0) if kind == 'relu' else np.round(x)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('kind', ['relu', 'plateau'])
+@pytest.mark.parametrize('shape', [(2, 16, 16, 8), (2, 15, 17, 4), (1, 56, 56, 64)])
+def test_index_max_pool_is_bitwise_nn_max_pool(dtype, kind, shape):
+  x = jnp.asarray(_tie_heavy(kind, shape, seed=sum(shape)), dtype)
+  ref = lambda x: nn.max_pool(x, POOL['window'], POOL['strides'], padding=POOL['padding'])
+  ours = lambda x: max_pool.max_pool(x, **POOL)
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  g = jnp.asarray(np.random.default_rng(1).standard_normal(y_ref.shape), dtype)
+  grad = jax.jit(lambda x, g: jax.vjp(ours, x)[1](g)[0])
+  assert y_ref.dtype == ours(x).dtype
+  np.testing.assert_array_equal(np.asarray(ours(x), np.float32), np.asarray(y_ref, np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(grad(x, g), np.float32), np.asarray(vjp_ref(g)[0], np.float32)
+  )
+
+
+def _stem(impl: str, input_channels: int = 0) -> models._StemConv:
+  return models._StemConv(
+    16, (7, 7), (2, 2), use_bias=False, impl=impl, input_channels=input_channels
+  )
+
+
+def test_space_to_depth_stem_is_the_7x7_stride_2_conv():
+  x = jax.random.normal(jax.random.key(1), (2, 32, 30, 3))
+  variables = _stem('conv').init(jax.random.key(0), x)
+  outputs = {}
+  for impl in models.STEM_IMPLS:
+    loss = lambda v, x, impl=impl: jnp.sum(_stem(impl).apply(v, x) ** 2)
+    outputs[impl] = (_stem(impl).apply(variables, x), *jax.grad(loss, (0, 1))(variables, x))
+  (y, dk, dx), (y0, dk0, dx0) = outputs['space_to_depth'], outputs['conv']
+  assert y.shape == y0.shape == (2, 16, 15, 16)
+  # An output sums 7*7*3 products, a kernel gradient 2*16*15 (twice, through the square).
+  assert _rel(y, y0) < 147 * EPS32
+  assert _rel(dk['params']['kernel'], dk0['params']['kernel']) < 2 * 480 * EPS32
+  assert _rel(dx, dx0) < 2 * 16 * 16 * EPS32
+
+
+def test_stem_input_channels_pads_with_zeros_exactly():
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  variables = _stem('conv').init(jax.random.key(0), x)
+  padded = _stem('conv', input_channels=4)
+  assert jax.tree.map(jnp.shape, padded.init(jax.random.key(0), x)) == jax.tree.map(
+    jnp.shape, variables
+  )
+  np.testing.assert_array_equal(padded.apply(variables, x), _stem('conv').apply(variables, x))
+
+
+def test_space_to_depth_stem_refuses_odd_images():
+  with pytest.raises(UserError, match='even image size.*stem_impl=conv'):
+    _stem('space_to_depth').init(jax.random.key(0), jnp.zeros((1, 15, 16, 3)))
+
+
+def test_conv1x1_as_dot_is_the_strided_1x1_conv():
+  x = jax.random.normal(jax.random.key(1), (2, 9, 9, 32))
+  conv = lambda dot: models._conv(24, (1, 1), (2, 2), use_bias=False, dot_1x1=dot)
+  variables = conv(False).init(jax.random.key(0), x)
+  for dot in (False, True):
+    loss = lambda v, x, dot=dot: jnp.sum(conv(dot).apply(v, x) ** 2)
+    grads = jax.grad(loss, (0, 1))(variables, x)
+    if not dot:
+      y0, (dk0, dx0) = conv(False).apply(variables, x), grads
+  y, (dk, dx) = conv(True).apply(variables, x), grads
+  assert y.shape == y0.shape == (2, 5, 5, 24)
+  assert _rel(y, y0) < 32 * EPS32
+  assert _rel(dk['params']['kernel'], dk0['params']['kernel']) < 2 * 50 * EPS32
+  assert _rel(dx, dx0) < 2 * 24 * EPS32
+
+
+ALL_SWITCHES = dict(
+  max_pool_impl='index', stem_impl='space_to_depth', stem_input_channels=4, conv1x1_impl='dot'
+)
+
+
+def test_all_switches_train_like_the_default_net():
+  """One training forward and backward of a small bottleneck net (a stride-2 projection,
+  the ImageNet stem) with every switch on equals the default: logits, running statistics
+  and every gradient, to float32 rounding amplified through the network."""
+  kwargs = dict(
+    stage_sizes=(1, 1),
+    stage_widths=(8, 16),
+    block='bottleneck',
+    stem_width=16,
+    num_classes=10,
+  )
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  default = models.ResNet(**kwargs)
+  variables = default.init(jax.random.key(0), x, train=False)
+  results = []
+  for model in (default, models.ResNet(**kwargs, **ALL_SWITCHES)):
+    assert jax.tree.map(jnp.shape, model.init(jax.random.key(0), x, train=False)) == (
+      jax.tree.map(jnp.shape, variables)
+    )
+
+    def loss(params, model=model):
+      logits, updates = model.apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(logits * jnp.arange(10)), (logits, updates)
+
+    results.append(jax.grad(loss, has_aux=True)(variables['params']))
+  (grads, (logits, stats)), (grads0, (logits0, stats0)) = results[1], results[0]
+  # Measured here: 6e-7 (logits), 6e-7 (statistics), 3e-6 (gradients through 6 BNs).
+  assert _rel(logits, logits0) < 1e-5
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0), strict=True):
+    assert _rel(a, b) < 1e-5
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+    assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize(
+  'field, value', [('max_pool_impl', 'slices'), ('stem_impl', 's2d'), ('conv1x1_impl', 'gemm')]
+)
+def test_unknown_impl_is_a_one_line_error(field, value):
+  with pytest.raises(UserError, match=f'unknown model {field} {value!r}; choose one of'):
+    models.build_model('resnet18', **{field: value})
