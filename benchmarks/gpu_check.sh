@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The whole GPU measurement of issue 7 in one bounded run, from the repo root:
 #
-#   bash benchmarks/gpu_check.sh [throughput|profile|variants]
+#   bash benchmarks/gpu_check.sh [throughput|profile|variants|fused]
 #
 # The `profile` plan (about 4 minutes) traces the ResNet-50 and ResNet-18 steps and
 # tries XLA flags. The `variants` plan is issue 11's A/B sweep: the default step, torch.compile
 # and each implementation switch of models.ResNet (index max pool, space-to-depth stem,
 # 4-channel input, 1x1 convolutions as dots) and XLA's conv fusion, one process each,
 # then the per-shape BN statistics (XLA, two-stage, Pallas) and a profile with bytes and
-# GB/s per fusion and the step's HLO; most important first. The default, `throughput`,
-# is what follows.
+# GB/s per fusion and the step's HLO; most important first. The `fused` plan is issue
+# 13's: the fused 1x1 convolution per shape and the step with bottleneck_impl=fused.
+# The default, `throughput`, is what follows.
 # Environment, the train step's correctness in bf16 (ResNet-50's loss on the fixed batch
 # falls and stays finite over the ~100 timed steps; float32 vs bf16 logits), then
 # benchmarks/train_throughput.py and torch_reference.py (through benchmarks/torch_memory.py,
@@ -21,7 +22,7 @@
 # to $OUT/results.jsonl, all output to $OUT/log.txt, and the comparison table is printed
 # last (and saved as $OUT/summary.txt).
 #
-# XLA's caches travel between calls for the `profile` and `variants` plans: the
+# XLA's caches travel between calls for the plans other than `throughput`: the
 # per-fusion autotune results (always) and the compiled programs (when the packed file
 # stays under 15 MiB) are packed into $OUT/xla_cache.tgz; copy it to the git-ignored
 # gpu_cache/xla_cache.tgz and carry `gpu_cache` into the next call, which unpacks it and
@@ -99,6 +100,18 @@ if ((${#wheels[@]})); then
   part wheels 60 "$PY" -m pip install -q --no-deps --no-index "${wheels[@]}"
 fi
 
+# The A/B plans' sizes; REHEARSE=1 runs the same sequence at toy sizes (on the CPU,
+# before a lease).
+if [[ -n ${REHEARSE:-} ]]; then
+  size=(--batch 4 --image_size 64)
+  timing=(--steps 1 --windows 1 --warmup 0)
+else
+  size=(--batch 256)
+  timing=(--windows 3)
+fi
+r50=(--model resnet50 "${size[@]}" --dtype bf16)
+r18=(--model resnet18 "${size[@]}" --dtype bf16)
+
 case $PLAN in
 throughput)
   jax_run r50_bf16_b256_cold 150 --model resnet50 --batch 256 --dtype bf16
@@ -133,16 +146,6 @@ profile)
   ;;
 variants)
   # Issue 11: every variant against the default step on this card, one process each.
-  # REHEARSE=1 runs the same sequence at toy sizes: on the CPU, before a lease.
-  if [[ -n ${REHEARSE:-} ]]; then
-    size=(--batch 4 --image_size 64)
-    timing=(--steps 1 --windows 1 --warmup 0)
-  else
-    size=(--batch 256)
-    timing=(--windows 3)
-  fi
-  r50=(--model resnet50 "${size[@]}" --dtype bf16)
-  r18=(--model resnet18 "${size[@]}" --dtype bf16)
   jax_run r50_default 90 "${r50[@]}" "${timing[@]}"
   part torch_r50 150 "$PY" -m benchmarks.torch_memory --model resnet50 "${size[@]:0:2}" \
     --variants bf16_compiled
@@ -164,8 +167,22 @@ variants)
     --xla_flags=--xla_gpu_enable_command_buffer=
   jax_run r50_default_again 45 "${r50[@]}" "${timing[@]}"
   ;;
+fused)
+  # Issue 13: the fused 1x1 convolution per ResNet-50 shape, then the whole step with
+  # bottleneck_impl=fused, against the default and torch.compile on this card.
+  jax_run r50_default 90 "${r50[@]}" "${timing[@]}"
+  part torch_r50 150 "$PY" -m benchmarks.torch_memory --model resnet50 "${size[@]:0:2}" \
+    --variants bf16_compiled
+  part fused_conv_r50 150 "$PY" -m benchmarks.fused_conv "${size[@]}" --dtype bf16 \
+    --ways xla,pallas,pallas_xla_wgrad --passes fwd,fwd_bwd
+  jax_run r50_fused 90 "${r50[@]}" "${timing[@]}" --model_override bottleneck_impl=fused
+  part profile_r50_fused 90 "$PY" -m benchmarks.step_profile "${r50[@]}" --steps 5 \
+    --compilation_cache_dir "$CACHE" --top 30 --model_override bottleneck_impl=fused \
+    --xla_flags=--xla_gpu_enable_command_buffer=
+  jax_run r50_default_again 45 "${r50[@]}" "${timing[@]}"
+  ;;
 *)
-  echo "error: unknown plan '$PLAN'; use throughput, profile or variants" >&2
+  echo "error: unknown plan '$PLAN'; use throughput, profile, variants or fused" >&2
   exit 2
   ;;
 esac

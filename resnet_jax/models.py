@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import max_pool
+from resnet_jax import fused_conv, max_pool
 from resnet_jax.errors import UserError
 
 ModuleDef = Callable[..., nn.Module]
@@ -82,6 +82,46 @@ class GroupBatchNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
+class FoldedBatchNorm(nn.Module):
+  """BatchNorm as a per-channel (scale, bias) for statistics computed elsewhere.
+
+  The variables, their names and the running-average update are flax.linen.BatchNorm's;
+  the batch statistics come in as float32 per-channel sums of x and of x*x (a fused
+  convolution's epilogue). Returns `(scale, bias)` such that x * scale + bias is the BN's
+  output: scale = gamma * rsqrt(var + eps), bias = beta - mean * scale.
+  """
+
+  use_running_average: bool = False
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array, sums: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(scale, bias) for `x` (read for its shape only) whose sums are `sums`."""
+    features = x.shape[-1]
+    gamma = self.param('scale', self.scale_init, (features,), self.param_dtype)
+    beta = self.param('bias', self.bias_init, (features,), self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      count = x.size // features
+      mean = sums[0] / count
+      # E[x^2] - E[x]^2 clipped at 0, as flax's default (fast) variance.
+      var = jnp.maximum(sums[1] / count - mean * mean, 0.0)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var
+    scale = gamma.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+    return scale, beta.astype(jnp.float32) - mean * scale
+
+
 def _shortcut(
   x: jax.Array, out: int, strides: int, option: str, conv: ModuleDef, norm: ModuleDef
 ) -> jax.Array:
@@ -136,9 +176,14 @@ class BottleneckBlock(nn.Module):
   zero_init_last_bn: bool = False
   stride_in_1x1: bool = False
   expansion: int = 4
+  # With both set, the 1x1 convolutions run fused with their BNs (`_fused_call`).
+  fused_conv: ModuleDef | None = None
+  folded_norm: ModuleDef | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, shortcut_gate: jax.Array | None = None) -> jax.Array:
+    if self.fused_conv:
+      return self._fused_call(x, shortcut_gate)
     s = (self.strides, self.strides)
     y = self.conv(self.filters, (1, 1), s if self.stride_in_1x1 else (1, 1), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
@@ -148,12 +193,43 @@ class BottleneckBlock(nn.Module):
     y = _last_norm(self, 'bn3')(y)
     return _join(self, x, y, shortcut_gate)
 
+  def _fused_call(self, x: jax.Array, gate: jax.Array | None) -> jax.Array:
+    """The same block with each 1x1 convolution fused (resnet_jax.fused_conv): conv1 and
+    the projection emit their BN statistics, conv3 also applies bn2 + ReLU to its input.
+    Only the 3x3 convolution's input (bn1 + ReLU) and the block's output (bn3 + shortcut +
+    ReLU) remain elementwise passes, and bn2's statistics a reduction. Same parameters,
+    same variables, the same function to rounding (tests/test_fused_conv.py)."""
+    s1, s2 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+    y, *sums = self.fused_conv(self.filters, strides=s1, name='conv1')(x)
+    scale, bias = self.folded_norm(name='bn1')(y, sums)
+    y = self.conv(self.filters, (3, 3), (s2, s2), name='conv2')(fused_conv.bn_relu(y, scale, bias))
+    yf = y.astype(jnp.float32)
+    sums = jnp.sum(yf, axis=(0, 1, 2)), jnp.sum(yf * yf, axis=(0, 1, 2))
+    scale, bias = self.folded_norm(name='bn2')(y, sums)
+    y, *sums = self.fused_conv(self.filters * self.expansion, name='conv3')(y, scale, bias)
+    scale, bias = _last_norm(self, 'bn3', self.folded_norm)(y, sums)
+    out = y.astype(jnp.float32) * scale + bias
+    if self.residual:
+      out = out + self._fused_shortcut(x, y.shape[-1]) * (1.0 if gate is None else gate)
+    return nn.relu(out).astype(y.dtype)
 
-def _last_norm(block: nn.Module, name: str) -> nn.Module:
-  """The block's last BN; zero scale makes a residual block start as the identity."""
+  def _fused_shortcut(self, x: jax.Array, out: int) -> jax.Array:
+    """`_shortcut` in float32, a projection's BN statistics from its fused convolution."""
+    changes_shape = self.strides != 1 or x.shape[-1] != out
+    if self.shortcut == 'C' or (self.shortcut == 'B' and changes_shape):
+      y, *sums = self.fused_conv(out, strides=self.strides, name='proj_conv')(x)
+      scale, bias = self.folded_norm(name='proj_bn')(y, sums)
+      return y.astype(jnp.float32) * scale + bias
+    return _shortcut(x, out, self.strides, self.shortcut, self.conv, self.norm).astype(jnp.float32)
+
+
+def _last_norm(block: nn.Module, name: str, norm: ModuleDef | None = None) -> nn.Module:
+  """The block's last BN (`norm`, default the block's); zero scale makes a residual block
+  start as the identity."""
+  norm = norm or block.norm
   if block.zero_init_last_bn:
-    return block.norm(name=name, scale_init=nn.initializers.zeros)
-  return block.norm(name=name)
+    return norm(name=name, scale_init=nn.initializers.zeros)
+  return norm(name=name)
 
 
 def _join(block: nn.Module, x: jax.Array, y: jax.Array, gate: jax.Array | None = None) -> jax.Array:
@@ -176,8 +252,15 @@ STRIDE_PLACEMENTS = ('v1', 'v1.5')
 MAX_POOL_IMPLS = ('xla', 'index')
 STEM_IMPLS = ('conv', 'space_to_depth')
 CONV1X1_IMPLS = ('conv', 'dot')
+BOTTLENECK_IMPLS = ('xla', 'fused')
 # Fields that choose how, not what: the same function and parameters either way.
-IMPL_FIELDS = ('max_pool_impl', 'stem_impl', 'stem_input_channels', 'conv1x1_impl')
+IMPL_FIELDS = (
+  'max_pool_impl',
+  'stem_impl',
+  'stem_input_channels',
+  'conv1x1_impl',
+  'bottleneck_impl',
+)
 
 
 class ResNet(nn.Module):
@@ -216,6 +299,9 @@ class ResNet(nn.Module):
   stem_input_channels: int = 0
   # 'dot': 1x1 convolutions as dot_general over channels (a GEMM library, not cuDNN).
   conv1x1_impl: str = 'conv'
+  # 'fused': a bottleneck's 1x1 convolutions apply the pending BN + ReLU to their input
+  # and emit their output's BN statistics (resnet_jax.fused_conv; issue 13).
+  bottleneck_impl: str = 'xla'
 
   def __post_init__(self):
     _check_choice('block', self.block, BLOCKS)
@@ -226,6 +312,12 @@ class ResNet(nn.Module):
     _check_choice('max_pool_impl', self.max_pool_impl, MAX_POOL_IMPLS)
     _check_choice('stem_impl', self.stem_impl, STEM_IMPLS)
     _check_choice('conv1x1_impl', self.conv1x1_impl, CONV1X1_IMPLS)
+    _check_choice('bottleneck_impl', self.bottleneck_impl, BOTTLENECK_IMPLS)
+    if self.bottleneck_impl == 'fused' and (self.block != 'bottleneck' or self.bn_group_size):
+      raise UserError(
+        'bottleneck_impl=fused needs bottleneck blocks and whole-batch BN (bn_group_size=0); '
+        'use bottleneck_impl=xla.'
+      )
     if len(self.stage_sizes) != len(self.stage_widths):
       raise UserError(
         f'stage_sizes {tuple(self.stage_sizes)} and stage_widths '
@@ -268,6 +360,12 @@ class ResNet(nn.Module):
     block_cls = BLOCKS[self.block]
     if self.block == 'bottleneck':
       block_cls = functools.partial(block_cls, stride_in_1x1=self.stride_placement == 'v1')
+    if self.bottleneck_impl == 'fused':
+      block_cls = functools.partial(
+        block_cls,
+        fused_conv=functools.partial(_FusedConv1x1, kernel_size=(1, 1), **common),
+        folded_norm=self._norm(train, FoldedBatchNorm),
+      )
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths, strict=True)):
       for j in range(size):
         x = block_cls(
@@ -285,7 +383,7 @@ class ResNet(nn.Module):
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return x.astype(jnp.float32)
 
-  def _norm(self, train: bool) -> ModuleDef:
+  def _norm(self, train: bool, cls: ModuleDef | None = None) -> ModuleDef:
     common = dict(
       use_running_average=not train or self.frozen_bn,
       momentum=self.bn_momentum,
@@ -295,7 +393,7 @@ class ResNet(nn.Module):
     )
     if self.bn_group_size:
       return functools.partial(GroupBatchNorm, group_size=self.bn_group_size, **common)
-    return functools.partial(nn.BatchNorm, **common)
+    return functools.partial(cls or nn.BatchNorm, **common)
 
 
 class _Conv(nn.Conv):
@@ -323,6 +421,24 @@ class _DotConv(_Conv):
     sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
     x = x[:, ::sh, ::sw, :]
     return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())), precision=self.precision)
+
+
+class _FusedConv1x1(_Conv):
+  """A bias-free 1x1 convolution through resnet_jax.fused_conv: called as (x) or (x, scale,
+  bias), it computes relu(x * scale + bias) convolved with its kernel (x alone without a
+  scale) and returns (y, float32 sum of y, float32 sum of y*y) over N, H and W."""
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    shape = (1, 1, x.shape[-1], self.features)
+    kernel = self.param('kernel', self.kernel_init, shape, self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    stride = self.strides if isinstance(self.strides, int) else self.strides[0]
+    return fused_conv.conv1x1_bn_nhwc(
+      x, scale, bias, kernel[0, 0], stride=stride, prologue=scale is not None
+    )
 
 
 def _conv(features: int, kernel_size: Sequence[int], *args, dot_1x1: bool, **kwargs) -> nn.Conv:

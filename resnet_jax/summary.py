@@ -36,6 +36,7 @@ class Row:
 def _layer_macs(module: nn.Module, out: Any) -> int:
   """MACs of one forward pass of a Conv or Dense layer for a single example."""
   if isinstance(module, nn.Conv):
+    out = out[0] if isinstance(out, tuple) else out  # a fused conv also returns statistics
     in_features = module.variables['params']['kernel'].shape[-2]  # already per group
     return math.prod(out.shape[1:-1]) * out.shape[-1] * math.prod(module.kernel_size) * in_features
   if isinstance(module, nn.Dense):

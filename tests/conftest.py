@@ -1,16 +1,25 @@
 """Test session setup: 8 CPU devices, and real MNIST and CIFAR-10 as a prepared TFDS dir."""
 
 import os
+import tempfile
 
 # Before anything imports jax: the whole session sees 8 CPU devices, so sharding is tested
 # for real; 1-device tests use make_mesh(jax.devices()[:1]).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# One persistent compilation cache for the session and the main.py processes it starts
+# (inherited through the environment): a restart test compiles its step once, not per
+# process. Fresh per session, removed at its end; configs that name a cache dir still use
+# their own.
+_SESSION_XLA_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _SESSION_XLA_CACHE = tempfile.mkdtemp(prefix='resnet_jax_test_xla_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_XLA_CACHE
 
 import fcntl  # noqa: E402
 import hashlib  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -18,6 +27,11 @@ import pytest  # noqa: E402
 # The datasets folder of ../shared, beside the repository (also beside a CI clone).
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / 'shared' / 'datasets'
 TEST_DATASETS = ('mnist', 'cifar10')
+
+
+def pytest_unconfigure(config) -> None:
+  if _SESSION_XLA_CACHE:
+    shutil.rmtree(_SESSION_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
