@@ -101,6 +101,20 @@ class Setup:
     return [os.path.join(workdir, m.name) for m in self.members]
 
 
+def check_kernels_fit_mesh(model: models.ResNet, platform: str, devices: int) -> None:
+  """UserError where `model` uses a kernel that cannot run sharded over `devices`.
+
+  The fused bottleneck's Pallas kernels have no sharding rule: on several accelerators
+  XLA would gather every activation onto each device. On CPUs they run as plain XLA ops
+  (interpret mode), which shard.
+  """
+  if model.bottleneck_impl == 'fused' and devices > 1 and platform != 'cpu':
+    raise UserError(
+      f'bottleneck_impl=fused runs on one {platform} device per program for now, not '
+      f'{devices}; use --config.model_overrides.bottleneck_impl=xla or one device.'
+    )
+
+
 def build(config: Any, mesh: Mesh | None = None, check_data: bool = True) -> Setup:
   """Validate the config and build the model, optimizer and schedule for this mesh.
 
@@ -120,6 +134,7 @@ def build(config: Any, mesh: Mesh | None = None, check_data: bool = True) -> Set
     **{k: v for k, v in config.model_overrides.items() if v is not None},
   }
   model = models.build_model(config.model, **overrides)
+  check_kernels_fit_mesh(model, mesh.devices.flat[0].platform, mesh.size)
   input_shape = datasets.input_shape(config)
   members = None
   if stack.is_stacked(config):

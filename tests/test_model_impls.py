@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import max_pool, models
+from resnet_jax import max_pool, models, train
 from resnet_jax.errors import UserError
 
 EPS32 = float(jnp.finfo(jnp.float32).eps)
@@ -217,3 +217,12 @@ def test_fused_bottleneck_needs_bottleneck_blocks_and_whole_batch_bn():
     models.build_model('resnet18', bottleneck_impl='fused')
   with pytest.raises(UserError, match='bn_group_size=0'):
     models.build_model('resnet50', bottleneck_impl='fused', bn_group_size=32)
+
+
+def test_fused_bottleneck_refuses_a_mesh_of_several_accelerators():
+  fused = models.build_model('resnet50', bottleneck_impl='fused')
+  with pytest.raises(UserError, match='one gpu device per program for now, not 8; use'):
+    train.check_kernels_fit_mesh(fused, 'gpu', 8)
+  train.check_kernels_fit_mesh(fused, 'gpu', 1)
+  train.check_kernels_fit_mesh(fused, 'cpu', 8)  # interpret mode: plain XLA ops
+  train.check_kernels_fit_mesh(models.build_model('resnet50'), 'gpu', 8)
