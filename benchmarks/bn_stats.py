@@ -50,20 +50,27 @@ WAYS = ('read_ceiling', 'flax', 'spatial_first', 'blocked', 'two_stage', 'pallas
 DEFAULT_WAYS = 'read_ceiling,flax,spatial_first,blocked'
 
 
-def bn_input_shapes(model: models.ResNet, shape: tuple[int, int, int], batch: int) -> list:
-  """The shape of every BatchNorm's input in one training forward pass, at `batch`."""
-  shapes = []
+def layer_calls(model: models.ResNet, image: tuple[int, int, int]) -> list[tuple[nn.Module, tuple]]:
+  """(module, shape of its input) of every module call in one training forward pass of
+  `model` on one `image`-shaped example, in call order; traced, not computed."""
+  calls = []
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-      shapes.append((batch, *args[0].shape[1:]))
+    if context.method_name == '__call__':
+      calls.append((context.module, args[0].shape))
     return next_fun(*args, **kwargs)
 
-  x = jnp.zeros((1, *shape))
+  x = jnp.zeros((1, *image))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   with nn.intercept_methods(record):
     jax.eval_shape(lambda v: model.apply(v, x, train=True, mutable=['batch_stats']), variables)
-  return shapes
+  return calls
+
+
+def bn_input_shapes(model: models.ResNet, shape: tuple[int, int, int], batch: int) -> list:
+  """The shape of every BatchNorm's input in one training forward pass, at `batch`."""
+  calls = layer_calls(model, shape)
+  return [(batch, *x[1:]) for m, x in calls if isinstance(m, nn.BatchNorm)]
 
 
 def flax_stats(x: jax.Array) -> Stats:

@@ -75,19 +75,11 @@ class Conv1x1:
 def conv1x1_shapes(model: models.ResNet, image: tuple[int, int, int], batch: int) -> list:
   """Every 1x1 convolution of one forward pass of `model` at `batch`, in order."""
   convs = []
-
-  def record(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, nn.Conv) and context.method_name == '__call__' and m.kernel_size == (1, 1):
-      _, h, w, cin = args[0].shape
+  for m, shape in bn_stats.layer_calls(model, image):
+    if isinstance(m, nn.Conv) and m.kernel_size == (1, 1):
+      _, h, w, cin = shape
       stride = m.strides[0] if isinstance(m.strides, Sequence) else m.strides or 1
       convs.append(Conv1x1(batch, h, w, cin, m.features, stride, m.name == 'conv3'))
-    return next_fun(*args, **kwargs)
-
-  x = jnp.zeros((1, *image))
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda v: model.apply(v, x, train=True, mutable=['batch_stats']), variables)
   return convs
 
 

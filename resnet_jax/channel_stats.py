@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
+from resnet_jax import pallas_triton
 from resnet_jax.errors import UserError
 
 IMPLS = ('xla', 'two_stage', 'pallas')
@@ -64,10 +64,7 @@ class Blocks:
   num_stages: int = 3
 
   def __post_init__(self):
-    for name in ('rows', 'channels'):
-      size = getattr(self, name)
-      if size < 1 or size & (size - 1):
-        raise ValueError(f'Blocks.{name} must be a power of two, not {size}')
+    pallas_triton.check_powers_of_two(self, 'rows', 'channels')
     if self.tiles < 1:
       raise ValueError(f'Blocks.tiles must be at least 1, not {self.tiles}')
 
@@ -100,8 +97,7 @@ def channel_sums(
   if impl == 'two_stage':
     s1, s2 = _two_stage_sums(x2[:main], blocks.rows * blocks.tiles)
   else:
-    interpret = jax.default_backend() == 'cpu' if interpret is None else interpret
-    s1, s2 = _pallas_sums(x2, main, blocks, interpret)
+    s1, s2 = _pallas_sums(x2, main, blocks, pallas_triton.interpret_mode(interpret))
   if main == x2.shape[0]:
     return s1, s2
   t1, t2 = _xla_sums(x2[main:])
@@ -162,9 +158,7 @@ def _pallas_sums(x2: jax.Array, main: int, blocks: Blocks, interpret: bool) -> S
     in_specs=[pl.BlockSpec((blocks.rows * blocks.tiles, blocks.channels), lambda c, p: (p, c))],
     out_specs=(out_spec, out_spec),
     interpret=interpret,
-    compiler_params=pltriton.CompilerParams(
-      num_warps=blocks.num_warps, num_stages=blocks.num_stages
-    ),
+    compiler_params=pallas_triton.compiler_params(blocks),
     name='channel_sums',
   )(x2)
   return jnp.sum(s1, axis=0), jnp.sum(s2, axis=0)

@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
+
+from resnet_jax import pallas_triton
 
 Outputs = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -76,10 +77,7 @@ class Blocks:
   num_stages: int = 3
 
   def __post_init__(self):
-    for name in ('m', 'n', 'k'):
-      size = getattr(self, name)
-      if size < 1 or size & (size - 1):
-        raise ValueError(f'Blocks.{name} must be a power of two, not {size}')
+    pallas_triton.check_powers_of_two(self, 'm', 'n', 'k')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +173,7 @@ def conv1x1_bn(
     _check_tiles(wgrad_blocks, cin, cout, 'm')
   else:
     wgrad_blocks = None
-  interpret = jax.default_backend() == 'cpu' if interpret is None else interpret
+  interpret = pallas_triton.interpret_mode(interpret)
   if not prologue:
     scale = bias = None
   return _fused(x, scale, bias, w, blocks, wgrad_blocks, interpret)
@@ -275,7 +273,7 @@ def _pallas_forward(x, scale, bias, w, blocks: Blocks, interpret: bool) -> Outpu
     in_specs=in_specs,
     out_specs=(pl.BlockSpec((blocks.m, blocks.n), lambda j, i: (i, j)), partial_spec, partial_spec),
     interpret=interpret,
-    compiler_params=_compiler_params(blocks),
+    compiler_params=pallas_triton.compiler_params(blocks),
     name='conv1x1_bn',
   )(*([x, scale, bias, w] if prologue else [x, w]))
   return y[:rows], jnp.sum(s1, axis=0), jnp.sum(s2, axis=0)
@@ -335,7 +333,7 @@ def _pallas_wgrad(x, scale, bias, g, blocks: WgradBlocks, interpret: bool) -> ja
     in_specs=in_specs,
     out_specs=pl.BlockSpec((blocks.m, blocks.n), lambda j, i, s: (s * cin_blocks + i, j)),
     interpret=interpret,
-    compiler_params=_compiler_params(blocks),
+    compiler_params=pallas_triton.compiler_params(blocks),
     name='conv1x1_bn_wgrad',
   )(*([x, scale, bias, g] if prologue else [x, g]))
   return jnp.sum(partials.reshape(blocks.splits, cin, cout), axis=0)
@@ -358,8 +356,3 @@ def _wgrad_kernel(*refs, blocks: WgradBlocks, prologue: bool):
 
   acc = jnp.zeros((blocks.m, blocks.n), jnp.float32)
   dw_ref[...] = lax.fori_loop(0, x_ref.shape[0] // blocks.k, step, acc)
-
-
-def _compiler_params(blocks: Blocks) -> pltriton.CompilerParams:
-  # Triton's own parameters: passing them is what selects the Triton backend.
-  return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import fused_conv, max_pool
+from resnet_jax import channel_stats, fused_conv, max_pool
 from resnet_jax.errors import UserError
 
 ModuleDef = Callable[..., nn.Module]
@@ -35,7 +35,37 @@ KERNEL_INITS = {
 }
 
 
-class GroupBatchNorm(nn.Module):
+class _BatchNormBase(nn.Module):
+  """flax.linen.BatchNorm's fields, variables (names and initialisers) and running-average
+  update, for the BatchNorms below that get their batch statistics their own way."""
+
+  use_running_average: bool = False
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.nowrap
+  def _variables(self, features: int) -> tuple[jax.Array, jax.Array, Any, Any]:
+    """The scale and bias parameters and the running mean and variance variables."""
+    scale = self.param('scale', self.scale_init, (features,), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (features,), self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    return scale, bias, ra_mean, ra_var
+
+  @nn.nowrap
+  def _track(self, ra_mean: Any, ra_var: Any, mean: jax.Array, var: jax.Array) -> None:
+    """Move the running averages toward this batch's `mean` and `var` (not at init)."""
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var
+
+
+class GroupBatchNorm(_BatchNormBase, kw_only=True):
   """BatchNorm whose training statistics come from groups of `group_size` examples.
 
   MLPerf-style "BN groups": each group of consecutive examples is normalised with its
@@ -46,21 +76,11 @@ class GroupBatchNorm(nn.Module):
   """
 
   group_size: int
-  use_running_average: bool = False
-  momentum: float = BN_MOMENTUM
-  epsilon: float = BN_EPSILON
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  scale_init: Callable = nn.initializers.ones
-  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
-    scale = self.param('scale', self.scale_init, (features,), self.param_dtype)
-    bias = self.param('bias', self.bias_init, (features,), self.param_dtype)
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    scale, bias, ra_mean, ra_var = self._variables(features)
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
       y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
@@ -75,14 +95,11 @@ class GroupBatchNorm(nn.Module):
       mean = xg.mean(axis=1, keepdims=True)
       var = jnp.maximum((xg * xg).mean(axis=1, keepdims=True) - mean * mean, 0.0)
       y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-      if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(axis=(0, 1))
-        ra_var.value = m * ra_var.value + (1 - m) * var.mean(axis=(0, 1))
+      self._track(ra_mean, ra_var, mean.mean(axis=(0, 1)), var.mean(axis=(0, 1)))
     return (y * scale + bias).astype(self.dtype)
 
 
-class FoldedBatchNorm(nn.Module):
+class FoldedBatchNorm(_BatchNormBase):
   """BatchNorm as a per-channel (scale, bias) for statistics computed elsewhere.
 
   The variables, their names and the running-average update are flax.linen.BatchNorm's;
@@ -91,22 +108,11 @@ class FoldedBatchNorm(nn.Module):
   output: scale = gamma * rsqrt(var + eps), bias = beta - mean * scale.
   """
 
-  use_running_average: bool = False
-  momentum: float = BN_MOMENTUM
-  epsilon: float = BN_EPSILON
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  scale_init: Callable = nn.initializers.ones
-  bias_init: Callable = nn.initializers.zeros
-
   @nn.compact
   def __call__(self, x: jax.Array, sums: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(scale, bias) for `x` (read for its shape only) whose sums are `sums`."""
     features = x.shape[-1]
-    gamma = self.param('scale', self.scale_init, (features,), self.param_dtype)
-    beta = self.param('bias', self.bias_init, (features,), self.param_dtype)
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    gamma, beta, ra_mean, ra_var = self._variables(features)
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
@@ -114,10 +120,7 @@ class FoldedBatchNorm(nn.Module):
       mean = sums[0] / count
       # E[x^2] - E[x]^2 clipped at 0, as flax's default (fast) variance.
       var = jnp.maximum(sums[1] / count - mean * mean, 0.0)
-      if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * mean
-        ra_var.value = m * ra_var.value + (1 - m) * var
+      self._track(ra_mean, ra_var, mean, var)
     scale = gamma.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
     return scale, beta.astype(jnp.float32) - mean * scale
 
@@ -203,9 +206,7 @@ class BottleneckBlock(nn.Module):
     y, *sums = self.fused_conv(self.filters, strides=s1, name='conv1')(x)
     scale, bias = self.folded_norm(name='bn1')(y, sums)
     y = self.conv(self.filters, (3, 3), (s2, s2), name='conv2')(fused_conv.bn_relu(y, scale, bias))
-    yf = y.astype(jnp.float32)
-    sums = jnp.sum(yf, axis=(0, 1, 2)), jnp.sum(yf * yf, axis=(0, 1, 2))
-    scale, bias = self.folded_norm(name='bn2')(y, sums)
+    scale, bias = self.folded_norm(name='bn2')(y, channel_stats.channel_sums(y))
     y, *sums = self.fused_conv(self.filters * self.expansion, name='conv3')(y, scale, bias)
     scale, bias = _last_norm(self, 'bn3', self.folded_norm)(y, sums)
     out = y.astype(jnp.float32) * scale + bias
@@ -408,6 +409,18 @@ class _Conv(nn.Conv):
       object.__setattr__(self, 'padding', tuple((k // 2, k // 2) for k in self.kernel_size))
     super().__post_init__()
 
+  @nn.nowrap
+  def _promoted_kernel(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`x` and the kernel parameter (nn.Conv's name, shape and init) in the compute dtype,
+    for the subclasses that compute the convolution their own way."""
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param('kernel', self.kernel_init, shape, self.param_dtype)
+    return nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+
+  @nn.nowrap
+  def _stride_pair(self) -> tuple[int, int]:
+    return (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+
 
 class _DotConv(_Conv):
   """A bias-free 1x1 convolution as a dot_general over the channels of the strided input:
@@ -415,10 +428,8 @@ class _DotConv(_Conv):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = (1, 1, x.shape[-1], self.features)
-    kernel = self.param('kernel', self.kernel_init, shape, self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
+    x, kernel = self._promoted_kernel(x)
+    sh, sw = self._stride_pair()
     x = x[:, ::sh, ::sw, :]
     return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())), precision=self.precision)
 
@@ -432,12 +443,9 @@ class _FusedConv1x1(_Conv):
   def __call__(
     self, x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    shape = (1, 1, x.shape[-1], self.features)
-    kernel = self.param('kernel', self.kernel_init, shape, self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    stride = self.strides if isinstance(self.strides, int) else self.strides[0]
+    x, kernel = self._promoted_kernel(x)
     return fused_conv.conv1x1_bn_nhwc(
-      x, scale, bias, kernel[0, 0], stride=stride, prologue=scale is not None
+      x, scale, bias, kernel[0, 0], stride=self._stride_pair()[0], prologue=scale is not None
     )
 
 
@@ -464,9 +472,7 @@ class _StemConv(_Conv):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = (7, 7, x.shape[-1], self.features)
-    kernel = self.param('kernel', self.kernel_init, shape, self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    x, kernel = self._promoted_kernel(x)
     extra = max(self.input_channels - x.shape[-1], 0)
     x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
     kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))

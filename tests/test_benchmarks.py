@@ -2,11 +2,7 @@
 
 import collections
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -14,40 +10,13 @@ from benchmarks import bn_stats, compare, step_profile, torch_memory
 from benchmarks import train_throughput as tt
 from resnet_jax import models
 from resnet_jax.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _run_python(code: str, devices: int = 1, **env: str) -> subprocess.CompletedProcess:
-  """`code` in a fresh interpreter at the repo root, with exactly `devices` CPU devices."""
-  # Set explicitly: the test session's XLA_FLAGS (8 devices) would otherwise be inherited.
-  full_env = {
-    **os.environ,
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-    'JAX_PLATFORMS': 'cpu',
-    'PYTHONPATH': str(REPO),
-    **env,
-  }
-  return subprocess.run(
-    [sys.executable, '-c', textwrap.dedent(code)],
-    cwd=REPO,
-    env=full_env,
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
-
-
-def _results(stdout: str) -> list[dict]:
-  return [
-    json.loads(line[len('RESULT ') :]) for line in stdout.splitlines() if line.startswith('RESULT ')
-  ]
+from tests.helpers import result_rows, run_python
 
 
 def test_harness_reports_a_result_without_tensorflow_or_ml_collections():
   # As on the GPU machines: no ml_collections (so the config fallback runs), and the run
   # must not pull in tensorflow. Two devices, so the global batch is really sharded.
-  proc = _run_python(
+  proc = run_python(
     """
       import sys
       sys.modules['ml_collections'] = None  # makes `import ml_collections` fail
@@ -62,7 +31,7 @@ def test_harness_reports_a_result_without_tensorflow_or_ml_collections():
     devices=2,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  [row] = _results(proc.stdout)
+  [row] = result_rows(proc.stdout)
   assert row['img_per_s'] > 0 and row['step_ms'] > 0 and row['compile_s'] > 0
   assert row['device_count'] == 2 and row['per_device_batch'] == 4
   assert row['xla_flops_per_step'] > 0 and row['model_flops_per_step'] > 0
@@ -129,7 +98,7 @@ def test_torch_memory_adds_peak_memory_to_each_variant(tmp_path):
                     image=image, img_per_s=1.0)
       """)
   )
-  proc = _run_python(
+  proc = run_python(
     f"""
       import sys
       sys.path.insert(0, {str(tmp_path)!r})
@@ -139,7 +108,7 @@ def test_torch_memory_adds_peak_memory_to_each_variant(tmp_path):
     TORCH_REFERENCE=str(reference),
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  eager, compiled = _results(proc.stdout)
+  eager, compiled = result_rows(proc.stdout)
   assert (eager['variant'], eager['peak_bytes'], eager['peak_reserved_bytes']) == (
     'bf16_eager',
     3000,
@@ -212,7 +181,7 @@ def test_parse_overrides_literals_strings_and_errors():
 def test_full_loop_benchmark_reports_its_windows_beside_the_harness():
   # The real train_and_evaluate on two devices: windows of 2 steps, a checkpoint, an eval.
   args = ['--model', 'cifar_resnet20', '--batch', '8', '--image_size', '16', '--dtype', 'fp32']
-  proc = _run_python(
+  proc = run_python(
     f"""
       import sys
       from benchmarks import loop_throughput, train_throughput
@@ -226,7 +195,7 @@ def test_full_loop_benchmark_reports_its_windows_beside_the_harness():
     devices=2,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  harness, loop = _results(proc.stdout)
+  harness, loop = result_rows(proc.stdout)
   assert loop['who'] == 'resnet_jax_loop' and len(loop['img_per_s_windows']) == 3
   assert loop['img_per_s'] > 0 and 0 <= loop['eval_top1'] <= 1
   text = compare.table([harness, loop])
@@ -401,7 +370,7 @@ def test_step_profile_summarizes_bytes_and_gb_per_s():
 
 
 def test_step_profile_traces_the_step_and_sums_per_op(tmp_path):
-  proc = _run_python(
+  proc = run_python(
     f"""
       import sys
       from benchmarks import step_profile
@@ -412,7 +381,7 @@ def test_step_profile_traces_the_step_and_sums_per_op(tmp_path):
       """
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  (row,) = _results(proc.stdout)
+  (row,) = result_rows(proc.stdout)
   assert row['who'] == 'step_profile' and len(row['top_ops']) == 5
   assert row['device_ms_per_step'] > 0
   assert sum(row['kinds'].values()) == pytest.approx(row['device_ms_per_step'], rel=1e-3)
@@ -432,7 +401,7 @@ def test_bn_stats_finds_every_bn_and_its_ways_agree(capsys):
   assert len(shapes) == 53 and shapes[0] == (2, 112, 112, 64)
   args = ['--model', 'cifar_resnet20', '--batch', '2', '--image_size', '8']
   assert bn_stats.main(args + ['--dtype', 'fp32', '--windows', '1', '--reps', '1']) == 0
-  rows = _results(capsys.readouterr().out)
+  rows = result_rows(capsys.readouterr().out)
   assert [r['way'] for r in rows] == [
     'read_ceiling',
     'flax',
@@ -445,7 +414,7 @@ def test_bn_stats_finds_every_bn_and_its_ways_agree(capsys):
 
 
 def test_stack_benchmark_rows_and_table_without_tensorflow_or_ml_collections():
-  proc = _run_python(
+  proc = run_python(
     """
       import sys
       sys.modules['ml_collections'] = None
@@ -459,7 +428,7 @@ def test_stack_benchmark_rows_and_table_without_tensorflow_or_ml_collections():
     devices=2,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = _results(proc.stdout)
+  rows = result_rows(proc.stdout)
   assert [(r['members'], r['method']) for r in rows] == [(1, 'single'), (2, 'unroll'), (2, 'vmap')]
   assert all(r['img_per_s'] > 0 and r['num_devices'] == 2 for r in rows)
   table = [line for line in proc.stdout.splitlines() if line.startswith('| cifar_resnet20')]

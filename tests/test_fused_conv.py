@@ -2,24 +2,17 @@
 
 import collections
 import functools
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import triton as pltriton
 
 from benchmarks import fused_conv as bench
 from resnet_jax import fused_conv as fc
 from resnet_jax import models
+from tests.helpers import result_rows, run_python, triton_calls
 
-REPO = Path(__file__).resolve().parents[1]
 EPS32 = float(jnp.finfo(jnp.float32).eps)
 # ResNet-50's 1x1 shape classes (Cin -> Cout) with channels / 8, and M = 2x7x7, 5x5x8
 # and the like: never a multiple of the 32-row blocks, so the last block is padded. The
@@ -210,9 +203,6 @@ def test_resnet50_has_16_distinct_1x1_convs_that_the_default_blocks_tile_whole()
 
 
 def test_pallas_kernels_lower_to_triton_for_a_gpu():
-  # Lowering for CUDA on this CPU machine builds the Triton IR, which catches unsupported
-  # primitives and non-power-of-two loads; only compiling it to PTX needs the GPU.
-  target = getattr(pltriton, 'CUSTOM_CALL_TARGET_NAME', '__gpu$xla.gpu.triton')
   shapes = [(c.rows, c.cin, c.cout, c.prologue) for c in _resnet50_convs()]
   # And padded M (statistics masked, wgrad rows padded) with Cin, Cout not powers of two.
   shapes.append((98, 96, 48, True))
@@ -224,13 +214,7 @@ def test_pallas_kernels_lower_to_triton_for_a_gpu():
     inputs = [((rows, cin), bf16), ((cin,), f32), ((cin,), f32), ((cin, cout), bf16)]
     cts = [((rows, cout), bf16), ((cout,), f32), ((cout,), f32)]
     shaped = lambda specs: tuple(jax.ShapeDtypeStruct(*spec) for spec in specs)
-    try:
-      text = fn.trace(shaped(inputs), shaped(cts)).lower(lowering_platforms=('cuda',)).as_text()
-    except RuntimeError as e:
-      if 'No supported GPU devices' in str(e):
-        pytest.skip('this jax lowers Pallas to Triton only with a GPU present')
-      raise
-    assert text.count(f'@{target}(') == 2, (rows, cin, cout)
+    assert triton_calls(fn, shaped(inputs), shaped(cts)) == 2, (rows, cin, cout)
 
 
 def test_benchmark_reports_per_shape_rows_without_tensorflow_or_ml_collections():
@@ -243,17 +227,9 @@ def test_benchmark_reports_per_shape_rows_without_tensorflow_or_ml_collections()
                             '--shapes', '1', '--windows', '1', '--reps', '1'])
     assert code == 0
   """
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO)}
-  proc = subprocess.run(
-    [sys.executable, '-c', textwrap.dedent(code)],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  proc = run_python(code, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
+  rows = result_rows(proc.stdout)
   # ResNet-50's first 1x1 conv on an 8x8 map: 64->64, once, reading the max pool's output.
   ways = [('fwd', 'xla'), ('fwd', 'pallas')]
   ways += [('fwd_bwd', w) for w in ('xla', 'pallas', 'pallas_xla_wgrad')]

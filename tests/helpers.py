@@ -1,0 +1,60 @@
+"""What several test files need: a fresh Python process on the CPU, its RESULT rows, and
+the Triton custom calls of a function lowered for CUDA on this GPU-less machine."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from jax.experimental.pallas import triton as pltriton
+
+REPO = Path(__file__).resolve().parents[1]
+TRITON_TARGET = getattr(pltriton, 'CUSTOM_CALL_TARGET_NAME', '__gpu$xla.gpu.triton')
+
+
+def run_python(
+  code: str, devices: int = 1, timeout: float = 240, **env: str
+) -> subprocess.CompletedProcess:
+  """`code` in a fresh interpreter at the repo root, with exactly `devices` CPU devices."""
+  # Set explicitly: the test session's XLA_FLAGS (8 devices) would otherwise be inherited.
+  full_env = {
+    **os.environ,
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'JAX_PLATFORMS': 'cpu',
+    'PYTHONPATH': str(REPO),
+    **env,
+  }
+  return subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)],
+    cwd=REPO,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def result_rows(stdout: str) -> list[dict]:
+  """The JSON rows of a benchmark's `RESULT {json}` lines."""
+  return [
+    json.loads(line[len('RESULT ') :]) for line in stdout.splitlines() if line.startswith('RESULT ')
+  ]
+
+
+def triton_calls(fn, *args) -> int:
+  """How many Triton custom calls jitted `fn` has when lowered for CUDA with `args`.
+
+  Lowering for CUDA on a CPU machine builds the Triton IR, which catches unsupported
+  primitives and non-power-of-two loads; only compiling it to PTX needs the GPU. Skips
+  the test where this jax lowers Pallas to Triton only with a GPU present.
+  """
+  try:
+    text = fn.trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+  except RuntimeError as e:
+    if 'No supported GPU devices' in str(e):
+      pytest.skip('this jax lowers Pallas to Triton only with a GPU present')
+    raise
+  return text.count(f'@{TRITON_TARGET}(')
