@@ -48,32 +48,32 @@ def _torch(
   return found
 
 
+# What makes two rows time the same step (before model overrides and XLA flags).
+STEP_KEYS = ('model', 'batch', 'image_size', 'dtype')
+
+
+def _harness_rows(rows: Sequence[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
+  """The harness rows (train_throughput) of `row`'s model, batch, image size and dtype."""
+  return [
+    r for r in rows if r.get('who') == 'resnet_jax' and all(r.get(k) == row[k] for k in STEP_KEYS)
+  ]
+
+
 def _harness(rows: Sequence[dict[str, Any]], loop_row: dict[str, Any]) -> dict[str, Any] | None:
   """The last harness row of the same step (model, batch, image size, dtype, overrides)."""
-  keys = ('model', 'batch', 'image_size', 'dtype')
-  found = None
-  for r in rows:
-    if (
-      r.get('who') == 'resnet_jax'
-      and all(r.get(k) == loop_row[k] for k in keys)
-      and (r.get('model_overrides') or {}) == (loop_row.get('model_overrides') or {})
-    ):
-      found = r
-  return found
+  overrides = loop_row.get('model_overrides') or {}
+  same = [r for r in _harness_rows(rows, loop_row) if (r.get('model_overrides') or {}) == overrides]
+  return same[-1] if same else None
 
 
 def _default_img_per_s(rows: Sequence[dict[str, Any]], row: dict[str, Any]) -> float | None:
   """Mean img/s of the default step's rows (no model overrides, no extra XLA flags) of the
   same model, batch, image size and dtype: the baseline a variant is an A/B against.
   A default row measured again later shows the card's drift against the same mean."""
-  keys = ('model', 'batch', 'image_size', 'dtype')
   speeds = [
     r['img_per_s']
-    for r in rows
-    if r.get('who') == 'resnet_jax'
-    and all(r.get(k) == row[k] for k in keys)
-    and not r.get('model_overrides')
-    and not r.get('extra_xla_flags')
+    for r in _harness_rows(rows, row)
+    if not r.get('model_overrides') and not r.get('extra_xla_flags')
   ]
   return sum(speeds) / len(speeds) if speeds else None
 
