@@ -14,7 +14,7 @@ together, the GB/s read and the largest relative difference from the first way:
 - `spatial_first`: sums over H and W per example, then over the batch;
 - `blockedB`: the N*H*W rows split into blocks of B rows (each of `--blocks`), summed per
   block, then over the blocks (a two-stage tree the compiler may map better onto a GPU);
-- `two_stage` and `pallas`: `resnet_jax.channel_stats`'s ways, blocks of rows sized from
+- `two_stage` and `pallas`: `resnet_jax.models.ops.channel_stats`'s ways, blocks of rows sized from
   each shape, and a Pallas kernel (Triton on a GPU, interpret mode on a CPU: slow).
 
 First, as the ceiling, `read_ceiling`: one float32 sum of all of each input, a reduction
@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import train_throughput as tt
-from resnet_jax import channel_stats, models
+from resnet_jax import models
+from resnet_jax.models.ops import channel_stats
 
 Stats = tuple[jax.Array, jax.Array]
 WAYS = ('read_ceiling', 'flax', 'spatial_first', 'blocked', 'two_stage', 'pallas')

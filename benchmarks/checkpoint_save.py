@@ -3,7 +3,7 @@
     python -m benchmarks.checkpoint_save --model resnet50 [--saves 3] [--workdir DIR]
 
 Builds the model's full train state (parameters, BN statistics, SGD momentum) with the
-training loop's own code, saves it through `resnet_jax.checkpointing.Checkpoints` as the
+training loop's own code, saves it through `resnet_jax.training.checkpoints.Checkpoints` as the
 loop does, and prints one `RESULT {json}` line per save: `blocked_s` (what the loop
 waits for: the fingerprints, the copy off the devices and the start of the write),
 `fingerprint_s` (the part of it that computes the arrays' fingerprints, already compiled)
@@ -18,9 +18,10 @@ import time
 import jax
 
 from benchmarks.train_throughput import build_model, optimizer_config
-from resnet_jax import optim, sharding
-from resnet_jax import train_step as ts
-from resnet_jax.checkpointing import Checkpoints, fingerprints
+from resnet_jax import sharding
+from resnet_jax.training import optim
+from resnet_jax.training import step as ts
+from resnet_jax.training.checkpoints import Checkpoints, fingerprints
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ For every distinct 1x1 convolution of ResNet-50 (v1.5, projections included) at
 `--batch`, on random data resident on the device, times ways of computing the conv's
 output y and the float32 sum and sum of squares of y per channel that its BN needs:
 
-- `xla`: `resnet_jax.fused_conv.reference`, the unfused composition as a model runs it:
+- `xla`: `resnet_jax.models.ops.fused_conv.reference`, the unfused composition as a model runs it:
   the pending BN's apply + ReLU, `lax.conv_general_dilated` (cuDNN on a GPU), statistics;
-- `pallas`: `resnet_jax.fused_conv.conv1x1_bn_nhwc`, one Pallas kernel (Triton on a GPU,
+- `pallas`: `resnet_jax.models.ops.fused_conv.conv1x1_bn_nhwc`, one Pallas kernel (Triton on a GPU,
   interpret mode on a CPU: slow) and a strided slice first for a stride-2 projection;
   its backward computes dw by a second Pallas kernel, the rest by XLA;
 - `pallas_xla_wgrad`: the same with dw by XLA too (`wgrad='xla'`): `fwd_bwd` only.
@@ -43,7 +43,8 @@ import numpy as np
 
 from benchmarks import bn_stats
 from benchmarks import train_throughput as tt
-from resnet_jax import fused_conv, models
+from resnet_jax import models
+from resnet_jax.models.ops import fused_conv
 
 WAYS = ('xla', 'pallas', 'pallas_xla_wgrad')
 PASSES = ('fwd', 'fwd_bwd')

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from resnet_jax import datasets, device_data, input_pipeline, sharding
+from resnet_jax import sharding
+from resnet_jax.data import datasets, input_pipeline, on_device
 
 
 def make_jpegs(count: int, height: int, width: int, seed: int) -> list[bytes]:
@@ -90,7 +91,7 @@ def main() -> None:
 
   jpegs = make_jpegs(a.images, 375, 500, seed=0)
   mesh = sharding.make_mesh()
-  normalize = device_data.batch_jit(device_data.normalize, mesh)
+  normalize = on_device.batch_jit(on_device.normalize, mesh)
   replicated = sharding.replicated(mesh)
   mean, std = (
     jax.device_put(x, replicated) for x in (datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)

@@ -23,8 +23,9 @@ import jax
 
 from benchmarks import train_throughput as tt
 from configs import default
-from resnet_jax import metric_logging, models, train
+from resnet_jax import models
 from resnet_jax.errors import UserError
+from resnet_jax.training import metrics, train
 
 
 def loop_config(args: argparse.Namespace) -> Any:
@@ -51,7 +52,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
   tt.enable_compilation_cache(config.compilation_cache_dir)
   with tempfile.TemporaryDirectory() as workdir:
     train.train_and_evaluate(config, workdir)
-    rows = metric_logging.read_metrics(workdir)
+    rows = metrics.read_metrics(workdir)
   windows = [r['img_per_s'] for r in rows if 'img_per_s' in r]
   if len(windows) < 2:
     raise UserError('too few logged windows; make --steps at least 2x --log_every.')

@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks.train_throughput import build_model
 from resnet_jax import models
-from resnet_jax import train_step as ts
+from resnet_jax.training import step as ts
 
 # Relative error bounds on the logits. ResNet-50 (recipe init, batch 8, 64x64, CPU) measured
 # 7.5e-3 in bfloat16, where rounding only the input gives 2.9e-3 (benchmarks/RESULTS.md).

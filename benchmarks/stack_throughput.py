@@ -3,7 +3,7 @@
     python -m benchmarks.stack_throughput --models cifar_resnet20,cifar_resnet56 \\
         --members 1,2,4,8,16 --methods auto [--batch 128] [--steps 10]
 
-For each model and K, times the stacked train step (resnet_jax.stack) of K members, each
+For each model and K, times the stacked train step (resnet_jax.training.stack) of K members, each
 with its own seed and a batch of `--batch` images, on synthetic batches that live on the
 devices; K=1 is the single run's own step. Prints one `RESULT {json}` line per row as
 it finishes (so a run that times out keeps the rows it has), then a table: ms per step,
@@ -25,8 +25,10 @@ from typing import Any
 import jax
 
 from benchmarks import train_throughput as tt
-from resnet_jax import device_data, optim, sharding, stack
-from resnet_jax import train_step as ts
+from resnet_jax import sharding
+from resnet_jax.data import on_device
+from resnet_jax.training import optim, stack
+from resnet_jax.training import step as ts
 
 
 def measure(model_name: str, k: int, method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def measure(model_name: str, k: int, method: str, args: argparse.Namespace) -> d
     method = stack.resolve_method(method, mesh)
     step_fn = stack.make_train_step(model, tx, mesh, members, 0.0, False, schedule, method)
     state = stack.create_state(model, tx, shape, members, mesh)
-  batches = device_data.synthetic_train_batches(
+  batches = on_device.synthetic_train_batches(
     shape, model.num_classes, args.batch, mesh, seeds, stacked=method != 'single'
   )
   batches = list(itertools.islice(batches, 2))

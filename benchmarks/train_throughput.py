@@ -29,9 +29,12 @@ from typing import Any
 import flax
 import jax
 
-from resnet_jax import device_data, models, optim, sharding, summary
-from resnet_jax import train_step as ts
+from resnet_jax import models, sharding
+from resnet_jax.data import on_device
 from resnet_jax.errors import UserError
+from resnet_jax.models import summary
+from resnet_jax.training import optim
+from resnet_jax.training import step as ts
 
 DTYPES = {'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp32': 'float32', 'float32': 'float32'}
 
@@ -154,7 +157,7 @@ def prepare(args: argparse.Namespace) -> types.SimpleNamespace:
   state = ts.create_train_state(model, tx, shape, args.seed, mesh)
   batches = list(
     itertools.islice(
-      device_data.synthetic_train_batches(shape, model.num_classes, args.batch, mesh, (args.seed,)),
+      on_device.synthetic_train_batches(shape, model.num_classes, args.batch, mesh, (args.seed,)),
       args.num_batches,
     )
   )

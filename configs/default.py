@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.weight_decay_on_norm_and_bias = False
   c.label_smoothing = 0.0
 
-  # Fine-tuning (resnet_jax.pretrained): a run with no checkpoint yet starts from these
+  # Fine-tuning (resnet_jax.training.finetune): a run with no checkpoint yet starts from these
   # weights instead of its seed; README "Pretrained weights".
   c.init_from = ''  # a .safetensors/.pth in torchvision/timm layout, or a workdir ('': none)
   c.init_head = 'auto'  # 'auto': the source's head if its shape fits, else new; 'new': new
@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Bookkeeping.
   c.seed = 0
-  # A stack of runs trained as one program (resnet_jax.stack): one entry per member, or
+  # A stack of runs trained as one program (resnet_jax.training.stack): one entry per member, or
   # () for the run's own value; e.g. stack_seeds=(0, 1) with stack_residual=(False, True).
   c.stack_seeds = ()
   c.stack_residual = ()

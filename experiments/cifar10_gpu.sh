@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's CIFAR-10 study (Fig. 6, Table 6) on a lent GPU, in one device call:
 # run_suite.py --stack trains each depth's plain and residual nets, all seeds, as one
-# program (resnet_jax.stack), from the JPEG CIFAR-10 archive, without tensorflow.
+# program (resnet_jax.training.stack), from the JPEG CIFAR-10 archive, without tensorflow.
 #
 # 1. Here (needs ../shared beside the repository):
 #      bash experiments/cifar10_gpu.sh prepare

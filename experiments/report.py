@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from experiments.run_suite import DONE_FILE, MANIFEST_FILE, read_json  # noqa: E402
 from resnet_jax.errors import UserError  # noqa: E402
-from resnet_jax.metric_logging import read_metrics  # noqa: E402
+from resnet_jax.training.metrics import read_metrics  # noqa: E402
 
 PLOT_FILE, TABLE_FILE, JSON_FILE = 'curves.png', 'table.md', 'results.json'
 TABLE_NOTE = (

@@ -201,7 +201,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     '--stack',
     action='store_true',
     help='Train the runs that can share a program (seeds; plain/residual twins with '
-    'option-A shortcuts) as one stacked run each (resnet_jax.stack).',
+    'option-A shortcuts) as one stacked run each (resnet_jax.training.stack).',
   )
   parser.add_argument('--dry_run', action='store_true', help='Print the commands; run nothing.')
   return parser.parse_args(argv)

@@ -16,8 +16,10 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from resnet_jax import datasets, models, optim
+from resnet_jax import models
+from resnet_jax.data import datasets
 from resnet_jax.errors import UserError
+from resnet_jax.training import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +66,8 @@ class Suite:
 class Job:
   """One program: its directory (relative to the suite's workdir) and command.
 
-  A plain job trains one run with one seed. A stacked job trains several (resnet_jax.stack);
+  A plain job trains one run with one seed. A stacked job trains several
+  (resnet_jax.training.stack);
   `members` maps each run's seed directory to its member's directory, both relative to
   the suite's workdir, so the layout report.py reads is the same either way.
   """

@@ -63,7 +63,8 @@ def mnist_workdir(tfds_dir, tmp_path_factory) -> Path:
   device, ~1 min); shared by the convergence test and the fine-tuning tests."""
   import jax
 
-  from resnet_jax import sharding, train
+  from resnet_jax import sharding
+  from resnet_jax.training import train
 
   workdir = tmp_path_factory.mktemp('mnist_resnet14')
   train.train_and_evaluate(

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from benchmarks import bn_stats
-from resnet_jax import channel_stats as cs
 from resnet_jax import models
 from resnet_jax.errors import UserError
+from resnet_jax.models.ops import channel_stats as cs
 from tests.helpers import result_rows, run_python, triton_calls
 
 # rows = 98 (a 7x7 map, as ResNet's last stage), 256 and 75; C = 64, 96 (not a power of

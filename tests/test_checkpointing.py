@@ -17,10 +17,11 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from configs import smoke
-from resnet_jax import sharding, train
-from resnet_jax.checkpointing import Checkpoints
+from resnet_jax import sharding
 from resnet_jax.errors import UserError
-from resnet_jax.metric_logging import read_metrics
+from resnet_jax.training import train
+from resnet_jax.training.checkpoints import Checkpoints
+from resnet_jax.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

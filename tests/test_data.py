@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnet_jax import data, datasets, memory_source, sharding
+from resnet_jax import data, sharding
+from resnet_jax.data import datasets, memory_source
 from resnet_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_missing_data_says_how_to_prepare_it(dataset, hint, tmp_path, mesh8):
 
 @pytest.mark.parametrize('cwd', ['tmp', 'tests'])
 def test_prepare_hint_gives_the_script_path_from_the_cwd(cwd, tmp_path, monkeypatch):
-  from resnet_jax import input_pipeline
+  from resnet_jax.data import input_pipeline
 
   if not input_pipeline.PREPARE_SCRIPT.is_file():
     pytest.skip(f'{input_pipeline.PREPARE_SCRIPT} is missing')
@@ -110,7 +111,7 @@ def test_prepare_hint_gives_the_script_path_from_the_cwd(cwd, tmp_path, monkeypa
 
 
 def test_prepare_hint_without_the_script_says_where_it_is(tmp_path, monkeypatch):
-  from resnet_jax import input_pipeline
+  from resnet_jax.data import input_pipeline
 
   monkeypatch.setattr(input_pipeline, 'PREPARE_SCRIPT', tmp_path / 'nowhere' / 'prepare_tfds.py')
   message = input_pipeline.missing_data_message('cifar10', 'DIR')
@@ -240,7 +241,7 @@ def _assert_says_prepare_again(error: pytest.ExceptionInfo, data_dir: Path) -> N
 
 @pytest.mark.parametrize('damage', [_truncate, _overwrite_start], ids=['truncated', 'garbage'])
 def test_damaged_records_in_memory_say_prepare_again(damage, tfds_dir, tmp_path):
-  from resnet_jax import input_pipeline
+  from resnet_jax.data import input_pipeline
 
   # A fresh dir each time, so load_split's cache cannot answer.
   data_dir = _damaged_mnist(tfds_dir, tmp_path, 'mnist-train.tfrecord-*', damage)
@@ -254,7 +255,7 @@ def test_damaged_records_in_memory_say_prepare_again(damage, tfds_dir, tmp_path)
 def test_damaged_records_read_lazily_say_prepare_again(split, damage, tfds_dir, tmp_path):
   import tensorflow as tf
 
-  from resnet_jax import input_pipeline
+  from resnet_jax.data import input_pipeline
 
   data_dir = _damaged_mnist(tfds_dir, tmp_path, f'mnist-{split}.tfrecord-*', damage)
   spec, size = datasets.get_spec('mnist'), 8
@@ -343,7 +344,7 @@ def test_eval_batches_see_every_example_once(eval_batch, devices, tfds_dir):
 def test_process_splits_are_disjoint_and_cover_the_split(processes, tfds_dir):
   import tensorflow_datasets as tfds
 
-  from resnet_jax import input_pipeline
+  from resnet_jax.data import input_pipeline
 
   builder = tfds.builder('mnist', data_dir=tfds_dir)
   parts = []

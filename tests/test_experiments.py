@@ -10,7 +10,7 @@ import pytest
 
 from experiments import report, run_suite, suites
 from resnet_jax.errors import UserError
-from resnet_jax.metric_logging import read_metrics
+from resnet_jax.training.metrics import read_metrics
 
 SMOKE = 'configs/smoke.py'
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from benchmarks import fused_conv as bench
-from resnet_jax import fused_conv as fc
 from resnet_jax import models
+from resnet_jax.models.ops import fused_conv as fc
 from tests.helpers import result_rows, run_python, triton_calls
 
 EPS32 = float(jnp.finfo(jnp.float32).eps)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from resnet_jax.metric_logging import read_metrics
+from resnet_jax.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import max_pool, models, train
+from resnet_jax import models
 from resnet_jax.errors import UserError
+from resnet_jax.models import resnet
+from resnet_jax.models.ops import max_pool
+from resnet_jax.training import train
 
 EPS32 = float(jnp.finfo(jnp.float32).eps)
 POOL = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -47,8 +50,8 @@ def test_index_max_pool_is_bitwise_nn_max_pool(dtype, kind, shape):
   )
 
 
-def _stem(impl: str, input_channels: int = 0) -> models._StemConv:
-  return models._StemConv(
+def _stem(impl: str, input_channels: int = 0) -> resnet._StemConv:
+  return resnet._StemConv(
     16, (7, 7), (2, 2), use_bias=False, impl=impl, input_channels=input_channels
   )
 
@@ -85,7 +88,7 @@ def test_space_to_depth_stem_refuses_odd_images():
 
 def test_conv1x1_as_dot_is_the_strided_1x1_conv():
   x = jax.random.normal(jax.random.key(1), (2, 9, 9, 32))
-  conv = lambda dot: models._conv(24, (1, 1), (2, 2), use_bias=False, dot_1x1=dot)
+  conv = lambda dot: resnet._conv(24, (1, 1), (2, 2), use_bias=False, dot_1x1=dot)
   variables = conv(False).init(jax.random.key(0), x)
   for dot in (False, True):
     loss = lambda v, x, dot=dot: jnp.sum(conv(dot).apply(v, x) ** 2)

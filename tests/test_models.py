@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import models, summary
+from resnet_jax import models
 from resnet_jax.errors import UserError
+from resnet_jax.models import resnet, summary
 
 # ../shared/REFERENCE.md section 1.
 PARAMS = {
@@ -127,11 +128,11 @@ def test_mnist_resnet34_runs_on_28x28x1():
 
 def test_option_a_zero_pads_and_subsamples():
   x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
-  out = models._shortcut(x, 6, 2, 'A', conv=None, norm=None)
+  out = resnet._shortcut(x, 6, 2, 'A', conv=None, norm=None)
   expected = np.concatenate([np.asarray(x)[:, ::2, ::2, :], np.zeros((2, 2, 2, 3))], axis=-1)
   np.testing.assert_array_equal(np.asarray(out), expected)
   # Where the shape does not change, option A (and B) are the identity.
-  assert models._shortcut(x, 3, 1, 'A', conv=None, norm=None) is x
+  assert resnet._shortcut(x, 3, 1, 'A', conv=None, norm=None) is x
 
 
 def test_shortcut_options_place_projections():
@@ -226,7 +227,7 @@ def test_summary_cli_json_and_unknown_name(capsys):
 
 def test_model_and_summary_import_without_tensorflow():
   code = (
-    'import sys; import resnet_jax.models, resnet_jax.summary; '
+    'import sys; import resnet_jax.models, resnet_jax.models.summary; '
     "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
   )
   subprocess.run([sys.executable, '-c', code], check=True)

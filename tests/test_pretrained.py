@@ -1,4 +1,4 @@
-"""Fine-tuning from pretrained weights (resnet_jax.pretrained): init_from, init_head, freeze.
+"""Fine-tuning from pretrained weights (resnet_jax.training.finetune): init_from, init_head, freeze.
 
 The source is a real trained net: the 14-layer ResNet of the `mnist_workdir` fixture
 (300 MNIST steps, >= 97% test top-1), exported to a torchvision-layout file.
@@ -12,11 +12,14 @@ import pytest
 from conftest import mnist_config
 from flax import traverse_util
 
-from resnet_jax import convert, sharding, torch_weights, train
-from resnet_jax import workdir as workdir_lib
-from resnet_jax.checkpointing import Checkpoints
+from resnet_jax import sharding
+from resnet_jax.commands import convert
 from resnet_jax.errors import UserError
-from resnet_jax.metric_logging import read_metrics
+from resnet_jax.training import train
+from resnet_jax.training import workdir as workdir_lib
+from resnet_jax.training.checkpoints import Checkpoints
+from resnet_jax.training.metrics import read_metrics
+from resnet_jax.weights import torch_format
 
 
 def _state(config, workdir):
@@ -89,7 +92,7 @@ def test_init_from_a_stack_member_and_its_errors(tfds_dir, mnist_workdir, tmp_pa
   with pytest.raises(UserError, match='choose --member= one of: seed0, seed1'):
     convert.export_weights(c, str(tmp_path / 'stack'), str(tmp_path / 'm.safetensors'))
   convert.export_weights(c, str(tmp_path / 'stack'), str(tmp_path / 'm.safetensors'), None, 'seed1')
-  exported = torch_weights.read(str(tmp_path / 'm.safetensors'))
+  exported = torch_format.read(str(tmp_path / 'm.safetensors'))
   assert np.array_equal(
     exported['conv1.weight'].transpose(2, 3, 1, 0), source['stem_conv/kernel'] + 1
   )

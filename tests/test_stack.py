@@ -1,4 +1,4 @@
-"""Stacks of runs (resnet_jax.stack): each member computes what its single run computes."""
+"""Stacks of runs (resnet_jax.training.stack): each member computes what its single run computes."""
 
 import json
 import random
@@ -13,10 +13,11 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from configs import smoke
-from resnet_jax import data, sharding, stack, train
-from resnet_jax.checkpointing import Checkpoints
+from resnet_jax import data, sharding
 from resnet_jax.errors import UserError
-from resnet_jax.metric_logging import read_metrics
+from resnet_jax.training import stack, train
+from resnet_jax.training.checkpoints import Checkpoints
+from resnet_jax.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / 'shared' / 'datasets'
@@ -274,7 +275,7 @@ def npz_dir():
 
 @pytest.mark.parametrize('dataset', ['mnist', 'cifar10'])
 def test_npz_archives_give_the_tfds_arrays_and_batches(dataset, npz_dir, tfds_dir):
-  from resnet_jax import datasets, memory_source
+  from resnet_jax.data import datasets, memory_source
 
   spec = datasets.get_spec(dataset)
   for split in (spec.train_split, spec.eval_split):
@@ -304,7 +305,8 @@ def _without_tensorflow(code, data_dir):
 
 _TRAIN_BATCH = """
 from configs import cifar10
-from resnet_jax import data, sharding
+from resnet_jax import data
+from resnet_jax import sharding
 c = cifar10.get_config(); c.dataset = 'mnist'; c.data_dir = sys.argv[1]
 batch = next(data.train_batches(c, sharding.make_mesh()))
 print(batch['image'].shape, 'tensorflow' in sys.modules and sys.modules['tensorflow'] is not None)

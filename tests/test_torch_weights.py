@@ -1,4 +1,4 @@
-"""torchvision/timm weights in and out (resnet_jax.torch_weights, resnet_jax.convert), no torch.
+"""torchvision/timm weights in and out (weights.torch_format, commands.convert), no torch.
 
 The parity fixture (tests/fixtures/torchvision_parity.npz) holds what torchvision computed
 from numpy-generated weights (tests/fixtures/make_torchvision_parity.py, versions inside);
@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnet_jax import convert, models, train
-from resnet_jax import torch_weights as tw
-from resnet_jax.checkpointing import Checkpoints
+from resnet_jax import models
+from resnet_jax.commands import convert
 from resnet_jax.errors import UserError
+from resnet_jax.training import train
+from resnet_jax.training.checkpoints import Checkpoints
+from resnet_jax.weights import torch_format as tw
 from tests.fixtures import torchvision_parity as tp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +224,7 @@ def test_convert_cli_refuses_a_mismatching_file_in_one_line(tmp_path):
   cmd = [
     sys.executable,
     '-m',
-    'resnet_jax.convert',
+    'resnet_jax.commands.convert',
     '--config=configs/resnet18_imagenet.py',
     f'--workdir={tmp_path / "w"}',
     f'--from={tmp_path / "r50.safetensors"}',

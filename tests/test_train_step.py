@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from configs import cifar10, default
-from resnet_jax import models, optim, sharding
-from resnet_jax import train_step as ts
+from resnet_jax import models, sharding
 from resnet_jax.errors import UserError
+from resnet_jax.training import optim
+from resnet_jax.training import step as ts
 
 
 def _lr(schedule, steps):

@@ -14,9 +14,10 @@ import jax
 import pytest
 
 from configs import cifar10, default, smoke
-from resnet_jax import config_checks, sharding, train, workdir
+from resnet_jax import sharding
 from resnet_jax.errors import UserError
-from resnet_jax.metric_logging import (
+from resnet_jax.training import config_checks, train, workdir
+from resnet_jax.training.metrics import (
   DROPPED_FILE,
   METRICS_FILE,
   Console,

@@ -1,12 +1,12 @@
-"""The batches that feed training and evaluation: one entry over every data source.
+"""The data: the batches that feed training and evaluation, one entry over every source.
 
 `train_batches(config, mesh, start_step)` and `eval_batches(config, mesh)` read the
 config once (`DataOptions`) and pick the source:
 - synthetic data and device-resident MNIST/CIFAR are made on the devices
-  (resnet_jax.device_data);
-- MNIST/CIFAR from host memory (resnet_jax.memory_source: prepared TFDS data or .npz
+  (resnet_jax.data.on_device);
+- MNIST/CIFAR from host memory (resnet_jax.data.memory_source: prepared TFDS data or .npz
   archives, the same arrays either way);
-- ImageNet-style JPEG datasets through tf.data (resnet_jax.input_pipeline, the only
+- ImageNet-style JPEG datasets through tf.data (resnet_jax.data.input_pipeline, the only
   module that imports tensorflow; imported lazily).
 Batches are global jax.Arrays sharded over the mesh's `data` axis, and a pure function of
 (seed, step), so a run resumes at any step without replaying data. They do not depend on
@@ -14,8 +14,11 @@ the device count; for the JPEG datasets, whose processes read disjoint parts of 
 which examples form a batch depends on the process count. Images leave the host as uint8
 and are normalised on the devices.
 
-A stack of runs (resnet_jax.stack) asks for the batches of several seeds at once: they
+A stack of runs (resnet_jax.training.stack) asks for the batches of several seeds at once: they
 come as [K, B, ...] arrays whose k-th member is exactly the single run's batch for seed k.
+
+May import: jax, numpy, tensorflow(-datasets) (in `input_pipeline` alone, lazily),
+`resnet_jax.sharding`, `resnet_jax.errors`. Never models, training or weights.
 """
 
 import collections
@@ -30,8 +33,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_jax import datasets, device_data, memory_source, sharding
-from resnet_jax.datasets import DatasetSpec
+from resnet_jax import sharding
+from resnet_jax.data import datasets, memory_source, on_device
+from resnet_jax.data.datasets import DatasetSpec
 from resnet_jax.errors import UserError
 
 Batch = dict[str, jax.Array]
@@ -129,14 +133,14 @@ def train_batches(
   stacked = seeds is not None
   seeds = tuple(seeds) if stacked else (config.seed,)
   if o.spec.tfds_name is None:
-    return device_data.synthetic_train_batches(
+    return on_device.synthetic_train_batches(
       datasets.input_shape(config), o.spec.num_classes, o.batch_size, mesh, seeds, stacked,
       start_step,
     )  # fmt: skip
   mean, std = _normalization(o.spec, o.normalize, o.data_dir)
   if o.device_resident:
     images, labels = memory_source.load_split(o.spec, o.spec.train_split, o.data_dir)
-    return device_data.resident_train_batches(
+    return on_device.resident_train_batches(
       images,
       labels,
       mean=mean,
@@ -173,7 +177,7 @@ def _host_train_batches(
       crop_flip=o.crop_flip,
       start_step=start_step,
     )
-  from resnet_jax import input_pipeline  # lazily: tensorflow only for file datasets
+  from resnet_jax.data import input_pipeline  # lazily: tensorflow only for file datasets
 
   return input_pipeline.file_train_batches(
     o.spec,
@@ -202,7 +206,7 @@ def eval_batches(config: Any, mesh: Mesh, with_index: bool = False) -> Iterator[
   n = mesh.devices.size
   batch_size = -(-o.eval_batch_size // n) * n
   if o.spec.tfds_name is None:
-    return device_data.synthetic_eval_batches(
+    return on_device.synthetic_eval_batches(
       datasets.input_shape(config), o.spec.num_classes, batch_size, o.spec.num_eval, mesh,
       config.seed,
     )  # fmt: skip
@@ -214,7 +218,7 @@ def eval_batches(config: Any, mesh: Mesh, with_index: bool = False) -> Iterator[
     if not with_index:
       local = ({k: v for k, v in b.items() if k != 'index'} for b in local)
   else:
-    from resnet_jax import input_pipeline  # lazily: tensorflow only for file datasets
+    from resnet_jax.data import input_pipeline  # lazily: tensorflow only for file datasets
 
     local = input_pipeline.file_eval_batches(
       o.spec,
@@ -268,7 +272,7 @@ def _on_devices(
   stacked: bool = False,
 ) -> Iterator[Batch]:
   """Global arrays from each process's numpy parts, normalised on the devices, prefetched."""
-  normalize = device_data.batch_jit(device_data.normalize, mesh, stacked=stacked)
+  normalize = on_device.batch_jit(on_device.normalize, mesh, stacked=stacked)
   replicated = sharding.replicated(mesh)
   mean, std = (jax.make_array_from_process_local_data(replicated, x) for x in (mean, std))
 

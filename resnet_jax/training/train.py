@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -22,12 +22,14 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from resnet_jax import config_checks, data, datasets, models, optim, pretrained, sharding, stack
-from resnet_jax import train_step as ts
-from resnet_jax import workdir as workdir_lib
-from resnet_jax.checkpointing import Checkpoints
+from resnet_jax import data, models, sharding
+from resnet_jax.data import datasets
 from resnet_jax.errors import UserError
-from resnet_jax.metric_logging import Console, MetricWriter, truncate_metrics
+from resnet_jax.training import config_checks, finetune, optim, stack
+from resnet_jax.training import step as ts
+from resnet_jax.training import workdir as workdir_lib
+from resnet_jax.training.checkpoints import Checkpoints
+from resnet_jax.training.metrics import Console, MetricWriter, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class Setup:
   total_steps: int
   members: list[stack.Member] | None  # None: a single run; else the stack's members
   stack_method: str = 'auto'
-  init_from: str = ''  # pretrained weights (resnet_jax.pretrained); '' for none
+  init_from: str = ''  # pretrained weights (resnet_jax.training.finetune); '' for none
   init_head: str = 'auto'
 
   def create_state(self, seed: int) -> ts.TrainState:
@@ -62,8 +64,8 @@ class Setup:
     if not self.init_from:
       return state
     expected = models.variable_shapes(self.model, self.input_shape)
-    weights = pretrained.load(self.init_from, expected, self.init_head, self.mesh)
-    return pretrained.initialise(state, weights, self.members is not None, self.mesh)
+    weights = finetune.load(self.init_from, expected, self.init_head, self.mesh)
+    return finetune.initialise(state, weights, self.members is not None, self.mesh)
 
   def abstract_state(self) -> ts.TrainState:
     if self.members is None:
@@ -130,7 +132,7 @@ def build(config: Any, mesh: Mesh | None = None, check_data: bool = True) -> Set
     'num_classes': spec.num_classes,
     'dtype': config.dtype,
     'bn_group_size': config.bn_group_size,
-    **pretrained.model_overrides(config.freeze),
+    **finetune.model_overrides(config.freeze),
     **{k: v for k, v in config.model_overrides.items() if v is not None},
   }
   model = models.build_model(config.model, **overrides)
@@ -147,7 +149,7 @@ def build(config: Any, mesh: Mesh | None = None, check_data: bool = True) -> Set
     else math.ceil(config.num_epochs * steps_per_epoch)
   )
   tx, schedule = optim.create_optimizer(config, steps_per_epoch, total)
-  tx = pretrained.frozen(tx, config.freeze)
+  tx = finetune.frozen(tx, config.freeze)
   if check_data:
     data.eval_batches(config, mesh)  # raises now, before any work, if the data is missing
   method = stack.resolve_method(config.stack_method, mesh)
@@ -222,8 +224,8 @@ def train_and_evaluate(
 ) -> ts.TrainState:
   """Train `config` in `workdir` to its last step (resuming if possible); returns the state.
 
-  A workdir made by another config is refused (see resnet_jax.workdir) unless the fields
-  that differ are named in `allow_config_change`. A stack (resnet_jax.stack) keeps its
+  A workdir made by another config is refused (see resnet_jax.training.workdir) unless the fields
+  that differ are named in `allow_config_change`. A stack (resnet_jax.training.stack) keeps its
   checkpoints in `workdir` and each member's metrics in WORKDIR/<member name>.
   """
   setup = build(config, mesh)
@@ -412,6 +414,39 @@ def read_checkpoint(
     if not ckpt.steps():
       raise UserError(f'no checkpoint in {ckpt.directory}; train first (without --mode=eval).')
     return ckpt.restore(setup.abstract_state(), step)
+
+
+class Checkpoint(NamedTuple):
+  """A checkpoint's network, as `load_variables` returns it."""
+
+  model: models.ResNet  # the member's model for a stack
+  variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}, numpy arrays on the host
+  step: int
+
+
+def load_variables(
+  config: Any, workdir: str, step: int | None = None, member: str | None = None
+) -> Checkpoint:
+  """The model and host copies of the variables of `workdir`'s checkpoint at `step`
+  (default: the latest good one), for a stack those of its member called `member`.
+
+  For notebooks and exports: `checkpoint.model.apply(checkpoint.variables, x, train=False)`.
+  """
+  setup = build(config, check_data=False)
+  state = read_checkpoint(setup, config, workdir, step)
+  model = setup.model
+  if setup.members is None:
+    if member is not None:
+      raise UserError('--member is for a stack; this workdir holds a single run.')
+  else:
+    names = [m.name for m in setup.members]
+    if member not in names:
+      raise UserError(f'the workdir holds a stack; choose --member= one of: {", ".join(names)}.')
+    index = names.index(member)
+    state = stack.member_state(state, index)
+    model = setup.model.clone(residual=setup.members[index].residual)
+  variables = sharding.host_copy({'params': state.params, 'batch_stats': state.batch_stats})
+  return Checkpoint(model, variables, int(state.step))
 
 
 def evaluate_checkpoint(

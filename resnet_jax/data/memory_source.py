@@ -1,7 +1,7 @@
 """In-memory datasets (MNIST, CIFAR): whole splits as numpy arrays, and their batches.
 
 Two ways in that give the same arrays:
-- prepared TFDS datasets in the data dir (read by resnet_jax.input_pipeline, tensorflow);
+- prepared TFDS datasets in the data dir (read by resnet_jax.data.input_pipeline, tensorflow);
 - the .npz archives of the shared datasets folder (`NAME.npz` with x_/y_ arrays, or
   `NAME_jpeg.npz` with JPEG bytes, offsets and labels) in the data dir, read with numpy
   and Pillow only: machines without tensorflow (the lent GPU machines) train from these.
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from resnet_jax.datasets import DatasetSpec
+from resnet_jax.data.datasets import DatasetSpec
 from resnet_jax.errors import UserError
 
 CROP_PAD = 4  # CIFAR: pad 4 pixels each side, random crop of the original size (the paper)
@@ -52,7 +52,7 @@ def load_split(
     images, labels = read_npz(path, split)
   else:
     try:
-      from resnet_jax import input_pipeline  # tensorflow: only for prepared TFDS data
+      from resnet_jax.data import input_pipeline  # tensorflow: only for prepared TFDS data
     except ImportError as e:
       names = ' or '.join(p.format(name=spec.name) for p in NPZ_NAMES)
       raise UserError(

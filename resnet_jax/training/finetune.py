@@ -1,7 +1,7 @@
 """Runs that start from pretrained weights: the config fields init_from, init_head, freeze.
 
 `init_from` names the weights: a torchvision/timm state dict (`.safetensors`, or `.pth`
-where torch is installed; see resnet_jax.torch_weights) or a workdir of this codebase
+where torch is installed; see resnet_jax.weights.torch_format) or a workdir of this codebase
 (its latest good checkpoint; a member of a stack as WORKDIR/<member>). A run with no
 checkpoint of its own starts from them instead of from its seed:
 - every trunk parameter and BN statistic is the source's (a shape that differs is a
@@ -27,10 +27,12 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from resnet_jax import models, sharding, stack, torch_weights
-from resnet_jax import workdir as workdir_lib
-from resnet_jax.checkpointing import Checkpoints
+from resnet_jax import models, sharding
 from resnet_jax.errors import UserError
+from resnet_jax.training import stack
+from resnet_jax.training import workdir as workdir_lib
+from resnet_jax.training.checkpoints import Checkpoints
+from resnet_jax.weights import torch_format
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +65,15 @@ def load(source: str, expected: Variables, init_head: str, mesh: Mesh) -> Variab
   Returns numpy variables in our layout; without a head when the run gets a new one.
   """
   if _is_workdir(source):
-    state_dict = torch_weights.to_torch(_from_workdir(source, mesh))
+    state_dict = torch_format.to_torch(_from_workdir(source, mesh))
   else:
-    state_dict = torch_weights.read(source)
-  want = torch_weights.torch_shapes(expected)
+    state_dict = torch_format.read(source)
+  want = torch_format.torch_shapes(expected)
   head = [k for k in want if k.startswith('fc.')]
   keep_head = init_head == 'auto' and all(
     k in state_dict and np.shape(state_dict[k]) == want[k] for k in head
   )
-  variables = torch_weights.from_torch(state_dict, expected, source, () if keep_head else (HEAD,))
+  variables = torch_format.from_torch(state_dict, expected, source, () if keep_head else (HEAD,))
   log.info('initialised from %s, %s', source, 'its head too' if keep_head else 'with a new head')
   return variables
 
@@ -82,7 +84,7 @@ def _is_workdir(source: str) -> bool:
   if os.path.isdir(source):
     return True
   parent = os.path.dirname(os.path.normpath(source))
-  is_file_name = source.endswith(('.safetensors', *torch_weights.PTH_SUFFIXES))
+  is_file_name = source.endswith(('.safetensors', *torch_format.PTH_SUFFIXES))
   return not is_file_name and os.path.isdir(os.path.join(parent, 'checkpoints'))
 
 

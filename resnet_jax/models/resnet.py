@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import channel_stats, fused_conv, max_pool
 from resnet_jax.errors import UserError
+from resnet_jax.models.ops import channel_stats, fused_conv, max_pool
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -197,7 +197,7 @@ class BottleneckBlock(nn.Module):
     return _join(self, x, y, shortcut_gate)
 
   def _fused_call(self, x: jax.Array, gate: jax.Array | None) -> jax.Array:
-    """The same block with each 1x1 convolution fused (resnet_jax.fused_conv): conv1 and
+    """The same block with each 1x1 convolution fused (resnet_jax.models.ops.fused_conv): conv1 and
     the projection emit their BN statistics, conv3 also applies bn2 + ReLU to its input.
     Only the 3x3 convolution's input (bn1 + ReLU) and the block's output (bn3 + shortcut +
     ReLU) remain elementwise passes, and bn2's statistics a reduction. Same parameters,
@@ -288,11 +288,11 @@ class ResNet(nn.Module):
   bn_epsilon: float = BN_EPSILON
   bn_group_size: int = 0  # 0: statistics over the whole (global) batch
   # BN normalises with its running statistics in training too and never updates them
-  # (fine-tuning with config.freeze; see resnet_jax.pretrained).
+  # (fine-tuning with config.freeze; see resnet_jax.training.finetune).
   frozen_bn: bool = False
   # How, not what: each switch below computes the same function with the same parameters
   # another way, for speed on accelerators (issue 11; figures in benchmarks/RESULTS.md).
-  # 'index': the stem's max pool with resnet_jax.max_pool's index VJP (no select-and-scatter).
+  # 'index': the stem's max pool with an index VJP (ops.max_pool; no select-and-scatter).
   max_pool_impl: str = 'xla'
   # 'space_to_depth': the 7x7/2 stem conv as a 4x4/1 conv over 2x2 blocks (12 channels).
   stem_impl: str = 'conv'
@@ -301,7 +301,7 @@ class ResNet(nn.Module):
   # 'dot': 1x1 convolutions as dot_general over channels (a GEMM library, not cuDNN).
   conv1x1_impl: str = 'conv'
   # 'fused': a bottleneck's 1x1 convolutions apply the pending BN + ReLU to their input
-  # and emit their output's BN statistics (resnet_jax.fused_conv; issue 13).
+  # and emit their output's BN statistics (resnet_jax.models.ops.fused_conv; issue 13).
   bottleneck_impl: str = 'xla'
 
   def __post_init__(self):
@@ -435,7 +435,7 @@ class _DotConv(_Conv):
 
 
 class _FusedConv1x1(_Conv):
-  """A bias-free 1x1 convolution through resnet_jax.fused_conv: called as (x) or (x, scale,
+  """A bias-free 1x1 convolution through ops.fused_conv: called as (x) or (x, scale,
   bias), it computes relu(x * scale + bias) convolved with its kernel (x alone without a
   scale) and returns (y, float32 sum of y, float32 sum of y*y) over N, H and W."""
 

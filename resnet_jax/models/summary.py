@@ -1,6 +1,6 @@
 """Shapes, parameters and multiply-accumulates of a named architecture.
 
-    python -m resnet_jax.summary resnet50 [--image_size 224] [--num_classes 1000] [--json]
+    python -m resnet_jax.models.summary resnet50 [--image_size 224] [--num_classes 1000] [--json]
 
 Prints one row per stem / block / head with its output shape, parameters and GMACs,
 then the totals; `--json` prints one JSON object instead. MACs count the convolutions

@@ -104,7 +104,7 @@ def train_step_fn(
   Metrics are batch means (loss, top1, top5), the learning rate used, and `finite`
   (0 when the loss or a gradient was NaN/inf). With `skip_nonfinite` such a step leaves
   the state unchanged but for the step counter, so a rare overflow does not end a run.
-  `shortcut_gate` and `lr_scale` are what the members of a stack (resnet_jax.stack) may
+  `shortcut_gate` and `lr_scale` are what the members of a stack (resnet_jax.training.stack) may
   differ in: the gate multiplies every shortcut, lr_scale the update.
   """
   num_classes = model.num_classes

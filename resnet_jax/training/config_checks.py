@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
-from resnet_jax import datasets, optim, pretrained
+from resnet_jax.data import datasets
 from resnet_jax.errors import UserError
+from resnet_jax.training import finetune, optim
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -106,5 +107,5 @@ def validate(config: Any) -> None:
   if not isinstance(config.init_from, str):
     should = 'the weights to start from: a .safetensors/.pth file or a workdir'
     _fail('init_from', config.init_from, should if config.init_from is None else "a path ('')")
-  _choice(config, 'init_head', pretrained.INIT_HEADS)
-  _choice(config, 'freeze', pretrained.FREEZES)
+  _choice(config, 'init_head', finetune.INIT_HEADS)
+  _choice(config, 'freeze', finetune.FREEZES)

@@ -40,8 +40,8 @@ import optax
 from jax.sharding import Mesh
 
 from resnet_jax import models, sharding
-from resnet_jax import train_step as ts
 from resnet_jax.errors import UserError
+from resnet_jax.training import step as ts
 
 FIELDS = ('stack_seeds', 'stack_residual', 'stack_lr_scale')
 METHODS = ('auto', 'vmap', 'unroll')

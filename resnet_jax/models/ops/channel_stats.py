@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from resnet_jax import pallas_triton
 from resnet_jax.errors import UserError
+from resnet_jax.models.ops import pallas_triton
 
 IMPLS = ('xla', 'two_stage', 'pallas')
 Sums = tuple[jax.Array, jax.Array]

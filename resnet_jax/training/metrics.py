@@ -229,7 +229,7 @@ class _OwnLinesOnly(logging.Filter):
   """Console: our own log lines, other libraries' from ERROR, and none of orbax's.
 
   Orbax warns on every eval and logs each failed background save with tracebacks from
-  several threads; resnet_jax.checkpointing reports those failures in one line itself.
+  several threads; resnet_jax.training.checkpoints reports those failures in one line itself.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:

@@ -32,7 +32,7 @@ dw = relu(x * scale + bias)^T @ g is a second Pallas kernel with the same prolog
 program sums its split's rows in steps of Blocks.k into a float32 [m, n] tile of
 partials [splits * Cin, Cout], and an XLA sum over the splits finishes them.
 
-Pallas APIs relied on are those of `resnet_jax.channel_stats` (in jax 0.10.2 and 0.11.x)
+Pallas APIs relied on are those of `resnet_jax.models.ops.channel_stats` (in jax 0.10.2 and 0.11.x)
 plus `pl.program_id`; the dot is `jnp.dot` with `preferred_element_type`, which the Triton
 lowering maps to tt.dot (IEEE float32 for float32 inputs, tensor cores for bfloat16).
 """
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from resnet_jax import pallas_triton
+from resnet_jax.models.ops import pallas_triton
 
 Outputs = tuple[jax.Array, jax.Array, jax.Array]
 

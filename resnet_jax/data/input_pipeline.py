@@ -1,13 +1,13 @@
 """Prepared TFDS datasets on the host: reading, decoding and augmenting with tf.data.
 
 The only module that imports tensorflow / tensorflow_datasets; resnet_jax.data and
-resnet_jax.memory_source import it lazily, so machines without tensorflow train from
+resnet_jax.data.memory_source import it lazily, so machines without tensorflow train from
 device-made or .npz data. It yields this process's part of each global batch as numpy
 arrays with uint8 images; resnet_jax.data assembles the global arrays and normalises on
 the devices, which sends a quarter of the bytes a float32 image would.
 
 It reads whole splits for the in-memory datasets (`load_split`, ordered and batched by
-resnet_jax.memory_source) and streams the file datasets (ImageNet, Imagenette): each
+resnet_jax.data.memory_source) and streams the file datasets (ImageNet, Imagenette): each
 process reads its own contiguous part of the split (`process_split`), shuffles it per
 epoch with a seed from (seed, epoch) and skips within the epoch to resume. Which examples
 make up a batch therefore depends on the number of processes (not on the number of
@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
-from resnet_jax.datasets import DatasetSpec
+from resnet_jax.data.datasets import DatasetSpec
 from resnet_jax.errors import UserError
 
 # TF only feeds the host pipeline; left to itself it would take GPU memory from jax.

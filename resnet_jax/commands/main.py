@@ -1,0 +1,196 @@
+"""Train or evaluate a ResNet from a config file: `python main.py` and `resnet-jax-train`.
+
+    python main.py --config=configs/resnet50_imagenet.py --workdir=DIR
+    python main.py --config=configs/cifar10.py:resnet110 --workdir=DIR --config.batch_size=256
+    python main.py --config=... --workdir=DIR --mode=eval [--checkpoint_step=N]
+
+Rerunning the same command resumes from the latest checkpoint. Started as several
+processes (a multi-host TPU slice, a GPU cluster), each process runs this same command;
+see README.md "Running on many devices".
+"""
+
+import contextlib
+import os
+import sys
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resnet_jax.errors import CheckpointWriteError, UserError
+from resnet_jax.training.metrics import console_logging
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  'config', None, 'Config file (configs/*.py[:ARG]).', lock_config=True
+)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and resume), or evaluate only.')
+flags.DEFINE_integer('checkpoint_step', None, 'With --mode=eval: the step to evaluate.')
+flags.DEFINE_list(
+  'allow_config_change',
+  [],
+  'Config fields that may differ from WORKDIR/config.json on a restart, e.g. '
+  'num_train_steps,lr_boundaries for a longer schedule (see README "Outputs and resuming").',
+)
+flags.DEFINE_enum(
+  'distributed',
+  'auto',
+  ['auto', 'on', 'off'],
+  'jax.distributed.initialize: auto = when a cluster environment '
+  '(TPU pod, SLURM, Open MPI) or --coordinator_address is present.',
+)
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+flags.DEFINE_integer('process_id', None, 'This process index (multi-process).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Environment variables that mean "one of several processes of a cluster job".
+_CLUSTER_ENV = (
+  'SLURM_NTASKS',
+  'OMPI_COMM_WORLD_SIZE',
+  'TPU_WORKER_HOSTNAMES',
+  'MEGASCALE_COORDINATOR_ADDRESS',
+)
+
+
+def _wants_distributed() -> bool:
+  if FLAGS.distributed != 'auto':
+    return FLAGS.distributed == 'on'
+  if FLAGS.coordinator_address:
+    return True
+  return any(
+    int(os.environ.get(k, '1')) > 1
+    if k.endswith(('NTASKS', 'SIZE'))
+    else ',' in os.environ.get(k, '')
+    for k in _CLUSTER_ENV
+  )
+
+
+def _init_jax() -> None:
+  import jax
+
+  if _wants_distributed():
+    # CPU processes talk through gloo (the default CPU collectives do not cross processes).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+  cache = FLAGS.config.compilation_cache_dir
+  if cache:
+    # Restarting the same config then loads the compiled step instead of compiling again.
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def _quiet_tensorflow() -> None:
+  """Import tensorflow (if installed) with its C++ start-up notices sent to /dev/null.
+
+  TF prints them straight to file descriptor 2 on import, ignoring TF_CPP_MIN_LOG_LEVEL,
+  ahead of every line of ours (errors included); its later logging obeys the variable.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'w') as devnull:
+      os.dup2(devnull.fileno(), 2)
+      with contextlib.suppress(ImportError):
+        import tensorflow  # noqa: F401
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _drop_orbax_unraisable(unraisable: Any) -> None:
+  """sys.unraisablehook without the thousands of 'Exception ignored in <coroutine ...>'
+  reports that orbax's abandoned read/write coroutines leave behind a damaged checkpoint
+  or a failed save; our own one-line report says what happened."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  if code is not None and 'orbax' in code.co_filename:
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def _drop_closed_loop_callbacks(kind: type, error: BaseException, tb: Any) -> None:
+  """sys.excepthook without 'Event loop is closed' from tensorstore's callbacks: reads and
+  writes of a failed restore or save that finish after orbax closed their event loop."""
+  if kind is RuntimeError and str(error) == 'Event loop is closed':
+    return
+  sys.__excepthook__(kind, error, tb)
+
+
+def run(_) -> None:
+  console_logging()
+  _init_jax()
+  from resnet_jax.training import train  # after jax.distributed: it must come before any jax use
+
+  if FLAGS.mode == 'eval':
+    per_member = train.evaluate_checkpoint(
+      FLAGS.config,
+      FLAGS.workdir,
+      FLAGS.checkpoint_step,
+      allow_config_change=FLAGS.allow_config_change,
+    )
+    for metrics in per_member:
+      print(' '.join(f'{k}={_number(v)}' for k, v in metrics.items()))
+  else:
+    if FLAGS.checkpoint_step is not None:
+      raise UserError('--checkpoint_step is for --mode=eval; training resumes from the latest.')
+    train.train_and_evaluate(
+      FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
+    )
+
+
+def _number(v: float | str) -> str:
+  """A metric as printed: integers without a point, floats to 6 digits, names as they are."""
+  if isinstance(v, str):
+    return v
+  return str(int(v)) if float(v).is_integer() else f'{v:.6g}'
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or config override reported in one line."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.model  # noqa: B018 - a config file that failed to load raises here
+    return rest
+  except flags.Error as e:
+    _fail(f'{e}; see `python main.py --helpfull`.')
+  except SyntaxError as e:
+    _fail(f'{e.filename}:{e.lineno}: {e.msg}; fix the config file.')
+  except OSError as e:
+    given = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')][-1]
+    path = given.split(':')[0]
+    cause = 'no such file' if not os.path.isfile(path) else ' '.join(str(e.__cause__ or e).split())
+    _fail(f'cannot load --config={given} ({cause}); give a file such as configs/smoke.py.')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections rejects a misspelt --config.FIELD with "Did you mean ...", in a
+    # repr with escaped quotes and newlines.
+    detail = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
+    _fail(f'bad --config override ({detail}); configs/default.py lists every field.')
+
+
+def main() -> None:
+  _quiet_tensorflow()
+  sys.unraisablehook = _drop_orbax_unraisable
+  sys.excepthook = _drop_closed_loop_callbacks
+  try:
+    app.run(run, flags_parser=_parse_flags)
+  except CheckpointWriteError as e:
+    # The failed save's orbax threads never finish and would hold the exit forever.
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    os._exit(2)
+  except UserError as e:
+    _fail(str(e))
+
+
+if __name__ == '__main__':
+  main()
