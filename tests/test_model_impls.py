@@ -192,10 +192,13 @@ def test_fused_bottleneck_trains_like_the_default():
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), variables, fused_variables))
   losses0, after0 = _sgd_steps(default, variables, x, labels, steps=3)
   losses, after = _sgd_steps(fused, variables, x, labels, steps=3)
-  # Measured: losses within 5e-7, variables within 6e-6 of their largest entry.
+  # Measured: losses within 5e-7; variables within 6e-6 of their largest entry on an AMD
+  # EPYC, 1.8e-4 on an Intel Xeon (a BN bias of ~1e-2 whose updates are cancelling sums
+  # over 4 examples, where the two CPUs' kernels round differently); a wrong fused term
+  # moves them by O(1).
   np.testing.assert_allclose(losses, losses0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(after0), strict=True):
-    assert _rel(a, b) < 1e-4
+    assert _rel(a, b) < 1e-3
   assert _rel(fused.apply(after, x, train=False), default.apply(after, x, train=False)) < 1e-5
 
 
