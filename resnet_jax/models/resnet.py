@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.errors import UserError
-from resnet_jax.models.ops import channel_stats, fused_conv, max_pool
+from resnet_jax.models.ops import channel_stats, conv_lowering, fused_conv, max_pool
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -254,6 +254,7 @@ MAX_POOL_IMPLS = ('xla', 'index')
 STEM_IMPLS = ('conv', 'space_to_depth')
 CONV1X1_IMPLS = ('conv', 'dot')
 BOTTLENECK_IMPLS = ('xla', 'fused')
+CONV_IMPLS = conv_lowering.IMPLS
 # Fields that choose how, not what: the same function and parameters either way.
 IMPL_FIELDS = (
   'max_pool_impl',
@@ -261,6 +262,7 @@ IMPL_FIELDS = (
   'stem_input_channels',
   'conv1x1_impl',
   'bottleneck_impl',
+  'conv_impl',
 )
 
 
@@ -303,6 +305,11 @@ class ResNet(nn.Module):
   # 'fused': a bottleneck's 1x1 convolutions apply the pending BN + ReLU to their input
   # and emit their output's BN statistics (resnet_jax.models.ops.fused_conv; issue 13).
   bottleneck_impl: str = 'xla'
+  # How each convolution's forward pass and two gradients are lowered (ops.conv_lowering):
+  # 'auto' takes them per shape from the table measured on CPUs (XLA's convolution on
+  # other backends), 'xla' is XLA's convolution everywhere, 'gemm'/'taps' force one
+  # formulation (issue 22).
+  conv_impl: str = 'auto'
 
   def __post_init__(self):
     _check_choice('block', self.block, BLOCKS)
@@ -314,6 +321,7 @@ class ResNet(nn.Module):
     _check_choice('stem_impl', self.stem_impl, STEM_IMPLS)
     _check_choice('conv1x1_impl', self.conv1x1_impl, CONV1X1_IMPLS)
     _check_choice('bottleneck_impl', self.bottleneck_impl, BOTTLENECK_IMPLS)
+    _check_choice('conv_impl', self.conv_impl, CONV_IMPLS)
     if self.bottleneck_impl == 'fused' and (self.block != 'bottleneck' or self.bn_group_size):
       raise UserError(
         'bottleneck_impl=fused needs bottleneck blocks and whole-batch BN (bn_group_size=0); '
@@ -336,6 +344,7 @@ class ResNet(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       kernel_init=KERNEL_INITS[self.kernel_init],
+      conv_general_dilated=conv_lowering.conv_general_dilated(self.conv_impl),
     )
     conv = functools.partial(_conv, dot_1x1=self.conv1x1_impl == 'dot', **common)
     norm = self._norm(train)
@@ -482,7 +491,7 @@ class _StemConv(_Conv):
     else:
       strides, padding = (2, 2), ((3, 3), (3, 3))
     dimensions = ('NHWC', 'HWIO', 'NHWC')
-    return jax.lax.conv_general_dilated(
+    return (self.conv_general_dilated or jax.lax.conv_general_dilated)(
       x, kernel, strides, padding, dimension_numbers=dimensions, precision=self.precision
     )
 

@@ -1,0 +1,149 @@
+"""resnet_jax.models.ops.conv_lowering: every formulation of every direction computes
+XLA's convolution within float32 rounding, the model's conv_impl switch changes nothing
+but speed, and `auto` reads its table only on CPUs."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+from resnet_jax import models
+from resnet_jax.models.ops import conv_lowering as cl
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+EPS = float(jnp.finfo(jnp.float32).eps)
+
+# (input NHWC, kernel HWIO, strides, padding): strides 1 and 2, the 7x7/2 stem, 1x1
+# projections, odd and non-square maps, 1 and 3 input channels, batch 1, maps where taps
+# only see padding (1x1 and 2x2 under a 3x3 kernel).
+SHAPES = {
+  '3x3_s1': ((2, 8, 8, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),
+  '3x3_s2': ((2, 8, 8, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1))),
+  '3x3_s2_odd_nonsquare': ((2, 7, 5, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1))),
+  '3x3_on_1x1_batch1': ((1, 1, 1, 8), (3, 3, 8, 4), (1, 1), ((1, 1), (1, 1))),
+  '3x3_on_2x2': ((1, 2, 2, 8), (3, 3, 8, 4), (1, 1), ((1, 1), (1, 1))),
+  '3x3_s2_on_2x2': ((2, 2, 2, 8), (3, 3, 8, 4), (2, 2), ((1, 1), (1, 1))),
+  'stem_7x7_s2_1ch': ((2, 28, 28, 1), (7, 7, 1, 8), (2, 2), ((3, 3), (3, 3))),
+  'stem_7x7_s2_3ch_odd': ((1, 15, 15, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),
+  'proj_1x1_s2': ((2, 7, 7, 6), (1, 1, 6, 8), (2, 2), ((0, 0), (0, 0))),
+  'proj_1x1_s1': ((2, 9, 9, 3), (1, 1, 3, 4), (1, 1), ((0, 0), (0, 0))),
+}
+LOWERINGS = [cl.Lowering(*c) for c in itertools.product(cl.FORWARD, cl.INPUT_GRAD, cl.WEIGHT_GRAD)]
+
+
+def _xla(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def _with_bounds(x, w, dy, strides, padding):
+  """XLA's y, dx, dw and their float32 rounding bounds: 2 K eps times the same sums over
+  absolute values (K terms per sum), the standard bound for a sum of K products."""
+  conv = lambda x, w: _xla(x, w, strides, padding)
+  y, vjp = jax.vjp(conv, x, w)
+  abs_y, abs_vjp = jax.vjp(conv, jnp.abs(x), jnp.abs(w))
+  terms = (w.shape[0] * w.shape[1] * w.shape[2], w.shape[0] * w.shape[1] * w.shape[3])
+  terms += (x.shape[0] * y.shape[1] * y.shape[2],)
+  bounds = [
+    2 * k * EPS * a + 1e-30 for k, a in zip(terms, (abs_y, *abs_vjp(jnp.abs(dy))), strict=True)
+  ]
+  return (y, *vjp(dy)), bounds
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=str)
+def test_every_lowering_equals_xla_within_rounding(shape):
+  xs, ws, strides, padding = SHAPES[shape]
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
+  g = cl.Geometry(xs, ws, strides, padding)
+  dy = jax.random.normal(kd, (xs[0], *g.out_hw, ws[3]))
+  want, bounds = _with_bounds(x, w, dy, strides, padding)
+  for lowering in LOWERINGS:
+    y, vjp = jax.vjp(lambda x, w, lowering=lowering: cl.lowered_conv(x, w, g, lowering), x, w)
+    for name, got, ref, bound in zip(('y', 'dx', 'dw'), (y, *vjp(dy)), want, bounds, strict=True):
+      assert got.shape == ref.shape and got.dtype == ref.dtype
+      excess = float(jnp.max(jnp.abs(got - ref) / bound))
+      assert excess <= 1.0, f'{lowering} {name}: error {excess:.2f}x the rounding bound'
+
+
+def test_dead_taps_are_dropped():
+  assert cl.Geometry((1, 1, 1, 8), (3, 3, 8, 4), (1, 1), ((1, 1), (1, 1))).taps() == [(1, 1)]
+  two = cl.Geometry((1, 2, 2, 8), (3, 3, 8, 4), (2, 2), ((1, 1), (1, 1)))
+  assert two.out_hw == (1, 1) and two.taps() == [(1, 1), (1, 2), (2, 1), (2, 2)]
+  assert len(cl.Geometry((1, 8, 8, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))).taps()) == 9
+
+
+def test_auto_reads_the_table_on_cpu_only(monkeypatch):
+  g = cl.Geometry((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)))
+  table = {g.key(jnp.float32): {'forward': 'gemm', 'input_grad': 'gemm'}}
+  monkeypatch.setattr(cl, 'measured_table', lambda: table)
+  assert cl.choose(g, jnp.float32, 'auto') == cl.Lowering('gemm', 'gemm', 'xla')
+  unmeasured = g._replace(x_shape=(128, 3, 3, 512))
+  assert cl.choose(unmeasured, jnp.float32, 'auto') == cl.XLA
+  assert cl.choose(g, jnp.bfloat16, 'auto') == cl.XLA  # measured in float32 only
+  assert cl.choose(g, jnp.float32, 'taps') == cl.Lowering('taps', 'taps', 'taps')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert cl.choose(g, jnp.float32, 'auto') == cl.XLA
+
+
+def test_committed_table_names_known_lowerings():
+  table = cl.measured_table()
+  assert table, f'{cl.TABLE_FILE} is missing: run python -m benchmarks.conv_lowerings --write'
+  options = {'forward': cl.FORWARD, 'input_grad': cl.INPUT_GRAD, 'weight_grad': cl.WEIGHT_GRAD}
+  for key, choice in table.items():
+    for direction, name in choice.items():
+      assert name in options[direction], (key, direction, name)
+
+
+def _sgd_steps(conv_impl: str, steps: int = 3):
+  """Loss and parameters after `steps` SGD steps of a small ImageNet-stem net on fixed
+  data (7x7/2 stem, max pool, strided 3x3 and 1x1 projections, 3x3s on a 1x1 map)."""
+  model = models.build_model(
+    'resnet18', stage_widths=(8, 8, 16, 16), stem_width=8, num_classes=5, conv_impl=conv_impl
+  )
+  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+  labels = jnp.arange(8) % 5
+  variables = model.init(jax.random.key(0), x, train=False)
+  params, stats = variables['params'], variables['batch_stats']
+  tx = optax.sgd(0.01, momentum=0.9)
+  opt = tx.init(params)
+
+  def loss_fn(params, stats):
+    logits, new = model.apply(
+      {'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats']
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
+
+  @jax.jit
+  def step(params, stats, opt):
+    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), new['batch_stats'], opt, loss
+
+  losses = []
+  for _ in range(steps):
+    params, stats, opt, loss = step(params, stats, opt)
+    losses.append(float(loss))
+  return np.array(losses), params
+
+
+@pytest.mark.parametrize('impl', ['auto', 'gemm', 'taps'])
+def test_sgd_steps_equal_with_each_impl(impl):
+  want_losses, want = _sgd_steps('xla')
+  losses, got = _sgd_steps(impl)
+  # The convolutions agree to float32 rounding (above); BN's gradients are cancelling sums
+  # over the batch, which lifts that to ~3e-5 of a leaf's largest gradient after one step
+  # and ~4e-5 of its largest parameter after three (measured); a wrong tap or stride
+  # moves them by O(1).
+  np.testing.assert_allclose(losses, want_losses, rtol=5e-5)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-4 * float(jnp.max(jnp.abs(b))))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+
+
+def test_conv_impl_is_checked():
+  with pytest.raises(Exception, match='conv_impl'):
+    models.build_model('cifar_resnet20', conv_impl='fast')
