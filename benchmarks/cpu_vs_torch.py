@@ -103,24 +103,31 @@ def torch_step(
   return step
 
 
-def our_step(
-  name: str, batch: int, dtype: str, overrides: Sequence[str], imagenet_size: int
-) -> Callable[[], None]:
-  """Our jitted train step on a resident synthetic batch, as a closure (state carried)."""
-  size = models.default_input(name)[0]
-  argv = ['--model', name, '--batch', str(batch), '--dtype', dtype, '--compilation_cache_dir', '']
-  argv += ['--image_size', str(imagenet_size if size == 224 else size)]
-  args = tt.parse_args(argv + [a for o in overrides for a in ('--model_override', o)])
-  run = tt.prepare(args)
-  holder = {'state': run.state}
+class OurStep:
+  """Our jitted train step on a resident synthetic batch; each call runs one step."""
 
-  def step() -> None:
-    holder['state'], _ = run.step_fn(holder['state'], run.batches[0])
+  def __init__(
+    self, name: str, batch: int, dtype: str, overrides: Sequence[str], imagenet_size: int
+  ):
+    size = models.default_input(name)[0]
+    argv = ['--model', name, '--batch', str(batch), '--dtype', dtype]
+    argv += [
+      '--compilation_cache_dir',
+      '',
+      '--image_size',
+      str(imagenet_size if size == 224 else size),
+    ]
+    args = tt.parse_args(argv + [a for o in overrides for a in ('--model_override', o)])
+    self._run = tt.prepare(args)
+    self._state = self._run.state
+    self.image, self.channels = args.image_size, args.channels
+    self.classes = self._run.model.num_classes
 
-  step.sync = lambda: jax.block_until_ready(holder['state'])  # type: ignore[attr-defined]
-  step.image, step.channels = args.image_size, args.channels  # type: ignore[attr-defined]
-  step.classes = run.model.num_classes  # type: ignore[attr-defined]
-  return step
+  def __call__(self) -> None:
+    self._state, _ = self._run.step_fn(self._state, self._run.batches[0])
+
+  def sync(self) -> None:
+    jax.block_until_ready(self._state)
 
 
 def alternate(steps: dict[str, Callable[[], None]], n: int, windows: int) -> dict[str, float]:
@@ -141,11 +148,11 @@ def compare(name: str, args: argparse.Namespace) -> dict[str, Any]:
   """One RESULT row: our images/s, PyTorch's per layout, and the ratios."""
   import torch
 
-  ours = our_step(name, args.batch, args.dtype, args.model_override, args.imagenet_size)
+  ours = OurStep(name, args.batch, args.dtype, args.model_override, args.imagenet_size)
   steps = {'resnet_jax': ours}
   if args.xla_baseline:  # the same step with XLA's convolutions: the before of conv_impl
     overrides = [*args.model_override, 'conv_impl=xla']
-    steps['resnet_jax_conv_xla'] = our_step(
+    steps['resnet_jax_conv_xla'] = OurStep(
       name, args.batch, args.dtype, overrides, args.imagenet_size
     )
   for layout in args.torch_layouts.split(','):

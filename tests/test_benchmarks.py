@@ -1,12 +1,13 @@
 """The benchmark harnesses run, report what they promise and import no tensorflow."""
 
+import argparse
 import collections
 import json
 import textwrap
 
 import pytest
 
-from benchmarks import bn_stats, compare, step_profile, torch_memory
+from benchmarks import bn_stats, compare, conv_lowerings, cpu_vs_torch, step_profile, torch_memory
 from benchmarks import train_throughput as tt
 from resnet_jax import models
 from resnet_jax.errors import UserError
@@ -433,3 +434,34 @@ def test_stack_benchmark_rows_and_table_without_tensorflow_or_ml_collections():
   assert all(r['img_per_s'] > 0 and r['num_devices'] == 2 for r in rows)
   table = [line for line in proc.stdout.splitlines() if line.startswith('| cifar_resnet20')]
   assert len(table) == 3 and table[0].split('|')[6].strip() == '1.00'
+
+
+def test_conv_lowerings_measures_and_writes_a_table(tmp_path):
+  geometries = conv_lowerings.model_geometries('cifar_resnet20', 2, 'float32', 64)
+  assert [g.x_shape[1:] for g in geometries[:2]] == [(32, 32, 3), (32, 32, 16)]
+  assert len(geometries) == 6  # the stem, a 3x3 per stage, a strided 3x3 from stage 2 on
+  rows = conv_lowerings.measure(geometries[-1], 'float32', windows=1, reps=1, margin=0.05)
+  assert [r['direction'] for r in rows] == list(conv_lowerings.DIRECTIONS)
+  for row in rows:
+    assert set(row['ms']) == set(conv_lowerings.DIRECTIONS[row['direction']][0])
+    assert row['ms']['xla'] / row['speedup_vs_xla'] == pytest.approx(row['ms'][row['choice']], 1e-2)
+  path = tmp_path / 'table.json'
+  args = argparse.Namespace(
+    models='cifar_resnet20', batch=2, dtype='float32', windows=1, reps=1, margin=0.05
+  )
+  conv_lowerings.write_table(str(path), rows, args)
+  table = json.loads(path.read_text())
+  assert table['choices'] == {rows[0]['conv']: {r['direction']: r['choice'] for r in rows}}
+
+
+def test_cpu_vs_torch_without_torch_says_how_to_get_it():
+  proc = run_python(
+    """
+      import sys
+      sys.modules['torch'] = None  # makes `import torch` fail
+      from benchmarks import cpu_vs_torch
+      sys.exit(cpu_vs_torch.main(['--models', 'cifar_resnet20']))
+      """
+  )
+  assert proc.returncode == 2
+  assert proc.stdout.strip() == f'error: {cpu_vs_torch.TORCH_HINT}'

@@ -165,8 +165,8 @@ def test_pth_without_torch_says_how_to_make_safetensors(tmp_path):
   (tmp_path / 'r18.pth').write_bytes(b'\x80\x02}q\x00.')  # a pickle, never unpickled here
   code = (
     'import sys; sys.modules["torch"] = None\n'
-    'from resnet_jax import torch_weights\n'
-    f'torch_weights.read({str(tmp_path / "r18.pth")!r})\n'
+    'from resnet_jax.weights import torch_format\n'
+    f'torch_format.read({str(tmp_path / "r18.pth")!r})\n'
   )
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
   last = result.stderr.strip().splitlines()[-1]
