@@ -152,18 +152,22 @@ def colors(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
 
 
 def _draw_panel(ax: Any, runs: Sequence[dict[str, Any]], color: dict[str, str]) -> float:
-  """Training error dashed, test error solid, one color per net; returns the largest error."""
+  """Training error dashed, test error bold (as in Fig. 6), one color per net; returns the
+  largest error. Each evaluation is a marker, so a run evaluated once still shows its point;
+  a training curve of a single logged step gets one too."""
   top = 0.0
   for run in runs:
     for key, style, width in (('train', '--', 1.0), ('test', '-', 2.0)):
       curve = run['mean_curves'][key]
       if curve:
-        ax.plot(*zip(*curve, strict=True), style, color=color[run['name']], linewidth=width)
-        top = max(top, *(e for _, e in curve))
+        marker = 'o' if key == 'test' or len(curve) == 1 else None
+        steps, errors = zip(*curve, strict=True)
+        ax.plot(steps, errors, style, color=color[run['name']], linewidth=width, marker=marker)
+        top = max(top, *errors)
   handles = [Line2D([], [], color=color[r['name']], linewidth=2, label=r['label']) for r in runs]
   handles += [
     Line2D([], [], color='gray', linestyle='--', linewidth=1, label='training'),
-    Line2D([], [], color='gray', linewidth=2, label='test'),
+    Line2D([], [], color='gray', linewidth=2, marker='o', label='test'),
   ]
   ax.legend(handles=handles, fontsize=9)
   ax.set_xlabel('iterations')

@@ -409,3 +409,22 @@ def test_plot_colors_follow_depth_across_panels_and_nets_within_one_depth():
     'resnet56_A': 'C0',
     'resnet56_B': 'C1',
   }
+
+
+def test_a_single_evaluation_is_drawn_as_a_visible_point():
+  import matplotlib.pyplot as plt
+
+  run = {
+    'name': 'resnet20',
+    'label': 'ResNet-20',
+    'mean_curves': {'train': [(100, 80.0), (200, 70.0)], 'test': [(200, 75.0)]},
+  }
+  fig, ax = plt.subplots()
+  top = report._draw_panel(ax, [run], {'resnet20': 'C0'})
+  train, test = ax.get_lines()
+  assert top == 80.0
+  assert train.get_marker() in ('None', None, '') and train.get_linestyle() == '--'
+  assert test.get_marker() == 'o' and list(test.get_xdata()) == [200]
+  labels = {h.get_label(): h.get_marker() for h in ax.get_legend().legend_handles}
+  assert labels['test'] == 'o'
+  plt.close(fig)

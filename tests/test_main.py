@@ -36,7 +36,7 @@ def _error_line(result):
 @pytest.mark.parametrize(
   'flags,expected',
   [
-    (['--config.model=resnet51'], "unknown model 'resnet51'; known models: resnet18"),
+    (['--config.model=resnet51'], "unknown model 'resnet51'; did you mean resnet50"),
     (['--config.dataset=imagenet3'], "unknown dataset 'imagenet3'; set --config.dataset"),
     (
       ['--config.batch_size=12'],
@@ -44,17 +44,29 @@ def _error_line(result):
     ),
     (['--config.batch_sise=64'], 'Did you mean "batch_size"'),
     (['--config.model_overrides.shortcutt=A'], 'Did you mean "shortcut"'),
+    (['--config.learning_rate=1e30'], 'non-finite loss or gradient at step'),
+    (['--workdir='], '--workdir is required: a directory for checkpoints'),
   ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, expected):
   assert expected in _error_line(_main(tmp_path, *flags))
 
 
-def test_missing_data_names_the_preparation_command(tmp_path):
+def test_missing_config_is_one_line_and_exit_2():
+  result = subprocess.run(
+    [sys.executable, 'main.py', '--workdir=unused'], cwd=REPO, capture_output=True, text=True
+  )
+  assert '--config is required: give a config file' in _error_line(result)
+
+
+def test_missing_data_offline_says_what_to_put_where(tmp_path):
   empty = tmp_path / 'no_data'
   empty.mkdir()
-  line = _error_line(_main(tmp_path, '--config.dataset=mnist', f'--config.data_dir={empty}'))
-  assert 'dataset mnist is not prepared' in line and 'prepare_tfds.py' in line
+  offline = {'HTTPS_PROXY': 'http://127.0.0.1:1', 'HTTP_PROXY': 'http://127.0.0.1:1'}
+  flags = ('--config.dataset=mnist', f'--config.data_dir={empty}')
+  line = _error_line(_main(tmp_path, *flags, env=offline))
+  assert f'dataset mnist is not in {empty} and cannot be downloaded' in line
+  assert 'put mnist.npz' in line
   assert not (tmp_path / 'w' / 'checkpoints').exists()  # failed before touching the workdir
 
 

@@ -206,8 +206,14 @@ def test_group_batch_norm_in_a_model_under_jit():
 
 
 def test_unknown_names_and_fields_are_one_line_errors():
-  with pytest.raises(UserError, match='unknown model .resnet51.*known models: resnet18'):
+  with pytest.raises(UserError) as e:
     models.build_model('resnet51')
+  assert str(e.value) == (
+    "unknown model 'resnet51'; did you mean resnet50 or resnet18 or resnet152? "
+    '`resnet-jax-summary --list` lists all 23 models.'
+  )
+  with pytest.raises(UserError, match=r"unknown model 'zzz'; `resnet-jax-summary --list`"):
+    models.build_model('zzz')
   with pytest.raises(UserError, match='unknown model field.*shortcutt'):
     models.build_model('resnet18', shortcutt='A')
   with pytest.raises(UserError, match='shortcut .D.'):
@@ -223,6 +229,8 @@ def test_summary_cli_json_and_unknown_name(capsys):
   assert summary.main(['nope']) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error: unknown model') and '\n' not in err
+  assert summary.main(['--list']) == 0
+  assert capsys.readouterr().out.split() == list(models.ARCHITECTURES)
 
 
 def test_model_and_summary_import_without_tensorflow():

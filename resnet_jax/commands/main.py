@@ -43,7 +43,6 @@ flags.DEFINE_enum(
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'This process index (multi-process).')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 # Environment variables that mean "one of several processes of a cluster job".
 _CLUSTER_ENV = (
@@ -160,6 +159,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag or config override reported in one line."""
   try:
     rest = FLAGS(argv)
+    if FLAGS.config is None:
+      _fail('--config is required: give a config file, e.g. --config=configs/smoke.py.')
+    if not FLAGS.workdir:
+      _fail('--workdir is required: a directory for checkpoints and metrics, e.g. --workdir=DIR.')
     FLAGS.config.model  # noqa: B018 - a config file that failed to load raises here
     return rest
   except flags.Error as e:

@@ -17,18 +17,23 @@ devices); augmentation depends only on (seed, step, row).
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
-from resnet_jax.data.datasets import DatasetSpec
-from resnet_jax.errors import UserError
+from resnet_jax.data.datasets import IN_MEMORY, DatasetSpec
+from resnet_jax.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 # TF only feeds the host pipeline; left to itself it would take GPU memory from jax.
 tf.config.set_visible_devices([], 'GPU')
@@ -40,21 +45,11 @@ EVAL_CROP_FRACTION = 224 / 256  # eval: shorter side resized to 256 for a 224 ce
 
 Batch = dict[str, np.ndarray]
 
-# prepare_tfds.py prepares MNIST and CIFAR offline; it lives in ../shared/datasets beside
-# the repository (the parent of this package's directory).
-PREPARE_SCRIPT = (
-  Path(__file__).resolve().parents[1].parent / 'shared' / 'datasets' / 'prepare_tfds.py'
-)
-_SCRIPT_HINT = 'run `python {script} --data_dir {dir} --datasets '
-_PREPARE_HINTS = {
-  'mnist': _SCRIPT_HINT + 'mnist`',
-  'cifar10': _SCRIPT_HINT + 'cifar10`',
-  'fashion_mnist': _SCRIPT_HINT + 'fashion_mnist=FILE.npz` with the arrays in the MNIST layout',
-  'imagenet2012': (
-    'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in '
-    '{dir}/downloads/manual and run `tfds build imagenet2012 --data_dir {dir}`'
-  ),
-}
+# How long a download host may take to accept a connection before the machine counts as
+# offline; tfds itself retries an unreachable host for minutes before it gives up.
+PROBE_TIMEOUT_S = 5.0
+_NPZ_KEYS = 'x_train, y_train, x_test, y_test'
+
 # What TF raises while reading damaged prepared files: corrupt or truncated records
 # (DataLoss), a missing shard (NotFound), fewer records than dataset_info.json lists
 # (FailedPrecondition, from the cardinality check of a whole-split read). Other OpErrors,
@@ -76,44 +71,75 @@ def process_split_size(num_examples: int, process_index: int, process_count: int
   return num_examples // process_count + int(process_index < num_examples % process_count)
 
 
-def missing_data_message(name: str, data_dir: str) -> str:
-  """One line: the dataset is not in `data_dir`, and how to put it there."""
-  return (
-    f'dataset {name} is not prepared in {data_dir}: {_prepare_hint(name, data_dir)}, or set '
-    '--config.data_dir (or $TFDS_DATA_DIR) to a TFDS data dir that has it.'
-  )
+def missing_data_message(name: str, data_dir: str, reason: str = '') -> str:
+  """One line: the dataset is not in `data_dir` (and why it was not fetched), and what to do."""
+  why = f' and cannot be downloaded ({reason})' if reason else ''
+  return f'dataset {name} is not in {data_dir}{why}: {_how_to_get(name, data_dir)}.'
 
 
 def damaged_data_message(name: str, data_dir: str, problem: str) -> str:
   """One line: the prepared files of `name` in `data_dir` are damaged, and how to redo them."""
   dataset_dir = os.path.join(data_dir, name)
   return (
-    f'dataset {name} in {dataset_dir} is damaged ({problem}); to prepare it again, delete '
-    f'{dataset_dir} and {_prepare_hint(name, data_dir)}.'
+    f'dataset {name} in {dataset_dir} is damaged ({problem}); delete {dataset_dir}, then '
+    f'{_how_to_get(name, data_dir)}.'
   )
 
 
-def _prepare_hint(name: str, data_dir: str) -> str:
-  """'run ...': how to prepare `name` in `data_dir`, with paths that work from the cwd."""
-  hint = _PREPARE_HINTS.get(
-    name, f'run `tfds build {name} --data_dir {{dir}}` where there is internet and copy it here'
-  )
-  if '{script}' not in hint:
-    return hint.format(dir=data_dir)
-  script = _script_path()
-  if script is None:
-    return hint.format(script='prepare_tfds.py', dir=data_dir) + (
-      ' (prepare_tfds.py is in the shared datasets folder that comes with the data)'
+def _how_to_get(name: str, data_dir: str) -> str:
+  """How to put dataset `name` where a run finds it (no path of this repository in it)."""
+  if name == 'imagenet2012':
+    return (
+      'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in '
+      f'{data_dir}/downloads/manual and run `tfds build imagenet2012 --data_dir {data_dir}`'
     )
-  return hint.format(script=script, dir=data_dir)
+  elsewhere = (
+    f'put {name}.npz (uint8 arrays {_NPZ_KEYS}) in a folder and set --config.data_dir to it'
+    if name in IN_MEMORY
+    else f'run `tfds build {name} --data_dir DIR` on a machine with internet and copy DIR here'
+  )
+  return (
+    f'run again where there is internet (tfds downloads it into {data_dir}), or {elsewhere}, '
+    'or set --config.data_dir (or $TFDS_DATA_DIR) to a TFDS data dir that has it'
+  )
 
 
-def _script_path() -> str | None:
-  """PREPARE_SCRIPT relative to the cwd, or absolute where that is shorter; None if missing."""
-  if not PREPARE_SCRIPT.is_file():
-    return None
-  # From far away the relative path is a long run of ../ that is harder to read.
-  return min(os.path.relpath(PREPARE_SCRIPT, os.getcwd()), str(PREPARE_SCRIPT), key=len)
+def _unreachable(urls: Iterable[str]) -> str:
+  """Why the download hosts of `urls` do not answer within PROBE_TIMEOUT_S, or ''.
+
+  One HEAD request per host (through $HTTPS_PROXY / $HTTP_PROXY where set, as tfds'
+  download goes): an offline machine answers in seconds, where tfds retries for minutes.
+  Any HTTP status counts as an answer.
+  """
+  first_per_host = {urllib.parse.urlsplit(u).netloc: u for u in sorted(urls, reverse=True)}
+  for host, url in sorted(first_per_host.items()):
+    try:
+      # A new opener reads the proxy variables now (urlopen's keeps its first ones).
+      opener = urllib.request.build_opener()
+      opener.open(urllib.request.Request(url, method='HEAD'), timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+      pass  # the server answered
+    except (OSError, ValueError) as e:  # URLError, a timeout, a refused connection, a bad proxy
+      return f'{host} does not answer: {first_line(getattr(e, "reason", e))}'
+  return ''
+
+
+def _download_if_missing(builder: tfds.core.DatasetBuilder, spec: DatasetSpec) -> None:
+  """Let tfds download and prepare a missing dataset it can fetch itself (MNIST, CIFAR,
+  Imagenette), as every JAX example does; a UserError at once where that cannot work."""
+  if builder.is_prepared():
+    return
+  root = str(builder.data_dir_root)
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    raise UserError(missing_data_message(spec.name, root))
+  reason = _unreachable(builder.url_infos or {})
+  if reason:
+    raise UserError(missing_data_message(spec.name, root, reason))
+  log.info('dataset %s is not in %s: downloading and preparing it (once)', spec.name, root)
+  try:
+    builder.download_and_prepare()
+  except OSError as e:  # requests' errors are OSErrors: the network failed midway
+    raise UserError(missing_data_message(spec.name, root, first_line(e))) from e
 
 
 def _builder(spec: DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -140,6 +166,7 @@ def _read(
   spec: DatasetSpec, data_dir: str | None, split: tfds.typing.SplitArg, **kwargs
 ) -> tf.data.Dataset:
   builder = _builder(spec, data_dir)
+  _download_if_missing(builder, spec)
   try:
     return builder.as_dataset(split=split, **kwargs)
   except AssertionError as e:  # how tfds says that the data was never prepared there

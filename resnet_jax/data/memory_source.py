@@ -2,8 +2,8 @@
 
 Two ways in that give the same arrays:
 - prepared TFDS datasets in the data dir (read by resnet_jax.data.input_pipeline, tensorflow);
-- the .npz archives of the shared datasets folder (`NAME.npz` with x_/y_ arrays, or
-  `NAME_jpeg.npz` with JPEG bytes, offsets and labels) in the data dir, read with numpy
+- `.npz` archives in the data dir (`NAME.npz` with x_/y_ arrays, as keras.datasets
+  saves them, or `NAME_jpeg.npz` with JPEG bytes, offsets and labels), read with numpy
   and Pillow only: machines without tensorflow (the lent GPU machines) train from these.
 An archive in the data dir is used whether or not tensorflow is installed, so a run does
 not change with the machine. Each split is put in one canonical order, by a hash of each
@@ -57,8 +57,8 @@ def load_split(
       names = ' or '.join(p.format(name=spec.name) for p in NPZ_NAMES)
       raise UserError(
         f'dataset {spec.name}: tensorflow is not installed here and the data dir '
-        f'{data_dir} has no {names}; copy that archive (from the shared datasets folder) '
-        'into a folder and set --config.data_dir to it, or install tensorflow-datasets.'
+        f'{data_dir} has no {names}; put that archive (uint8 arrays x_train, y_train, x_test, '
+        'y_test) in a folder and set --config.data_dir to it, or install tensorflow-datasets.'
       ) from e
     images, labels = input_pipeline.load_split(spec, split, data_dir)
   order = canonical_order(images, labels)
@@ -94,13 +94,11 @@ def read_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
       else:
         raise UserError(
           f'{path} has no split {split!r} (expected x_{split} or {split}_jpeg arrays); '
-          'use an archive in the layout of the shared datasets folder.'
+          'give an archive with x_train, y_train, x_test and y_test arrays.'
         )
       labels = archive[f'y_{split}'].astype(np.int32)
   except (OSError, ValueError, KeyError) as e:
-    raise UserError(
-      f'{path} cannot be read ({e}); copy it again from the shared datasets folder.'
-    ) from e
+    raise UserError(f'{path} cannot be read ({e}); replace it with an intact copy.') from e
   return images.astype(np.uint8), labels
 
 

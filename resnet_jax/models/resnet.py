@@ -11,6 +11,7 @@ Imports no tensorflow: this module runs on machines that only have jax and flax.
 """
 
 import dataclasses
+import difflib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -569,7 +570,12 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ResNet) if f.name not in
 def model_kwargs(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The constructor arguments of architecture `name` with `overrides` applied."""
   if name not in ARCHITECTURES:
-    raise UserError(f'unknown model {name!r}; known models: {", ".join(ARCHITECTURES)}.')
+    close = difflib.get_close_matches(name, ARCHITECTURES, n=3, cutoff=0.5)
+    hint = f'did you mean {" or ".join(close)}? ' if close else ''
+    raise UserError(
+      f'unknown model {name!r}; {hint}`resnet-jax-summary --list` lists all '
+      f'{len(ARCHITECTURES)} models.'
+    )
   overrides = dict(overrides or {})
   unknown = sorted(set(overrides) - set(MODEL_FIELDS))
   if unknown:

@@ -1,6 +1,7 @@
 """Shapes, parameters and multiply-accumulates of a named architecture.
 
     python -m resnet_jax.models.summary resnet50 [--image_size 224] [--num_classes 1000] [--json]
+    python -m resnet_jax.models.summary --list
 
 Prints one row per stem / block / head with its output shape, parameters and GMACs,
 then the totals; `--json` prints one JSON object instead. MACs count the convolutions
@@ -93,7 +94,8 @@ def _table(name: str, rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point; returns the exit code."""
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('name', help='architecture name, e.g. resnet50, cifar_plain56')
+  p.add_argument('name', nargs='?', help='architecture name, e.g. resnet50, cifar_plain56')
+  p.add_argument('--list', action='store_true', help='print the names of all architectures')
   p.add_argument(
     '--image_size',
     type=int,
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--num_classes', type=int, default=None)
   p.add_argument('--json', action='store_true', help='print one JSON object')
   a = p.parse_args(argv)
+  if a.list:
+    print('\n'.join(models.ARCHITECTURES))
+    return 0
+  if a.name is None:
+    p.error('give an architecture name, or --list to see them all')
   try:
     overrides = {} if a.num_classes is None else {'num_classes': a.num_classes}
     model = models.build_model(a.name, **overrides)

@@ -168,11 +168,13 @@ class Checkpoints:
     if '://' in self.directory:
       return
     free = shutil.disk_usage(self.directory).free
-    if free < state_bytes * 1.05 + 2**20:
+    needed = state_bytes * 1.05 + 2**20  # the state, orbax's metadata, and a margin
+    if free < needed:
       raise CheckpointWriteError(
-        f'cannot write a checkpoint in {self.directory}: it needs about '
-        f'{state_bytes / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free. The checkpoints '
-        'already there are intact; make room, then rerun the same command to resume.'
+        f'cannot write a checkpoint in {self.directory}: it needs '
+        f'{_mib(needed)} (the state is {_mib(state_bytes)}, plus 5% and 1 MiB of margin for '
+        f"orbax's files) and only {_mib(free)} are free. The checkpoints already there are "
+        'intact; free at least the difference, then rerun the same command to resume.'
       )
 
   def check(self) -> None:
@@ -323,3 +325,8 @@ class Checkpoints:
   def close(self) -> None:
     self.wait()
     self._manager.close()
+
+
+def _mib(n: float) -> str:
+  """A size in MiB to one decimal, so close sizes read as different."""
+  return f'{n / 2**20:.1f} MiB'

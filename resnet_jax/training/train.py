@@ -34,8 +34,9 @@ from resnet_jax.training.metrics import Console, MetricWriter, truncate_metrics
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss or a gradient became NaN/inf and the config says to stop."""
+class NonFiniteLossError(UserError):
+  """The loss or a gradient became NaN/inf and the config says to stop: a recipe problem
+  (learning rate, data) the user fixes, so main.py reports it as one line, exit 2."""
 
 
 @dataclasses.dataclass
