@@ -21,7 +21,7 @@ from configs import smoke
 from resnet_jax import sharding
 from resnet_jax.errors import UserError
 from resnet_jax.training import train
-from resnet_jax.training.checkpoints import Checkpoints
+from resnet_jax.training.checkpoints import FINGERPRINTED_MARKER, Checkpoints
 from resnet_jax.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,18 @@ def _empty_step_dir(step_dir):
   step_dir.mkdir()
 
 
-@pytest.mark.parametrize('damage', [_garbage_at_start, _flip_one_bit, _empty_step_dir])
+def _delete_metadata(step_dir):
+  (step_dir / '_CHECKPOINT_METADATA').unlink()
+
+
+def _garble_metadata(step_dir):
+  (step_dir / '_CHECKPOINT_METADATA').write_text('{"garbled": ')
+
+
+@pytest.mark.parametrize(
+  'damage',
+  [_garbage_at_start, _flip_one_bit, _empty_step_dir, _delete_metadata, _garble_metadata],
+)
 def test_damage_that_reads_without_error_is_caught_and_the_older_checkpoint_used(
   tmp_path, damage, caplog
 ):
@@ -218,6 +229,16 @@ def test_damage_that_reads_without_error_is_caught_and_the_older_checkpoint_used
   # Training goes on from 4 and saves again at 8.
   state = _train_in_process(tmp_path, 1, num_train_steps=8)
   assert int(state.step) == 8 and Checkpoints(str(tmp_path)).steps() == [4, 8]
+
+
+def test_checkpoints_from_before_fingerprints_still_restore(tmp_path, caplog):
+  """A directory without the marker (made before fingerprints) restores a step without them."""
+  _train_in_process(tmp_path, 1, num_train_steps=4)
+  (tmp_path / 'checkpoints' / FINGERPRINTED_MARKER).unlink()
+  _delete_metadata(tmp_path / 'checkpoints' / '4')
+  assert int(_params(tmp_path).step) == 4
+  assert 'has no fingerprints (older format); not verified' in caplog.text
+  assert not (tmp_path / 'checkpoints_damaged').exists()
 
 
 def test_every_checkpoint_damaged_stops_with_one_line_and_keeps_everything(tmp_path):

@@ -5,8 +5,10 @@ kill mid-save leaves the previous checkpoints untouched (the leftover is cleaned
 the next start). Each save also records a fingerprint of every array of the state (in the
 checkpoint's own metadata); a restore recomputes it, so a checkpoint whose bytes changed
 after it was written (a flipped bit, garbage, truncated or deleted files) is known to be
-damaged. A damaged checkpoint is moved aside to WORKDIR/checkpoints_damaged and the next
-older one is used. Three things are never called damage and never move a file:
+damaged; so is one whose fingerprints are gone from a directory where every checkpoint
+is saved with them (FINGERPRINTED_MARKER). A damaged checkpoint is moved aside to
+WORKDIR/checkpoints_damaged and the next older one is used. Three things are never
+called damage and never move a file:
 - a checkpoint that is intact but holds another state (another model or optimizer: the
   workdir belongs to another config): a UserError naming the first mismatch;
 - every checkpoint unreadable: a UserError, with everything left where it is;
@@ -36,6 +38,10 @@ from resnet_jax.errors import CheckpointWriteError, UserError, first_line
 log = logging.getLogger(__name__)
 
 CHECKSUM_KEY = 'fingerprints'
+# Written into a new checkpoints directory: every checkpoint in it carries fingerprints, so
+# one without them (its _CHECKPOINT_METADATA deleted or garbled) is damage, not an older
+# format. Directories from before fingerprints have no marker and restore such steps.
+FINGERPRINTED_MARKER = 'FINGERPRINTED'
 
 
 class _Damaged(Exception):
@@ -125,6 +131,10 @@ class Checkpoints:
     )
     self.last_save_blocked_s = 0.0
     self._unconfirmed_save = False  # a save whose background write may still fail
+    self._marker = os.path.join(self.directory, FINGERPRINTED_MARKER)
+    if not read_only and not self.steps() and jax.process_index() == 0:
+      with open(self._marker, 'w') as f:
+        f.write('Every checkpoint here records fingerprints of its arrays.\n')
 
   def steps(self) -> list[int]:
     """Steps with a complete checkpoint, oldest first."""
@@ -288,6 +298,8 @@ class Checkpoints:
     except Exception as e:  # noqa: BLE001 - any failure to read means damage
       raise _Damaged(f'array data unreadable: {first_line(e, 80)}') from e
     expected = custom.get(CHECKSUM_KEY)
+    if expected is None and os.path.exists(self._marker):
+      raise _Damaged('its metadata has lost the fingerprints every checkpoint here is saved with')
     if expected is None:
       log.warning('checkpoint at step %d has no fingerprints (older format); not verified', step)
       return state

@@ -199,7 +199,8 @@ def has_history(workdir: str) -> bool:
   root = epath.Path(workdir)
   for name in ('checkpoints', 'checkpoints_damaged'):
     d = root / name
-    if d.exists() and any(d.iterdir()):
+    # Step directories, not the checkpoints' format marker written before the first save.
+    if d.exists() and any(p.is_dir() for p in d.iterdir()):
       return True
   metrics = root / 'metrics.jsonl'
   return metrics.exists() and bool(metrics.read_text().strip())
