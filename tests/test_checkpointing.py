@@ -156,6 +156,28 @@ def test_sigterm_stops_at_the_next_step_and_the_resumed_log_is_exact(tmp_path, u
   assert rows == _metrics_without_timing(whole)
 
 
+def test_sigterm_during_an_evaluation_stops_it_saves_and_reruns_it_on_resume(
+  tmp_path, uninterrupted
+):
+  # An evaluation of 125 batches of 8 (about as long as the 12 training steps before it):
+  # the signal comes once the train row of step 12 is written, as its evaluation starts.
+  flags = dict(eval_batch_size=8)
+  proc = _main(tmp_path, **flags)
+  _wait_for_step(tmp_path, 12, proc)
+  proc.send_signal(signal.SIGTERM)
+  out = _finish(proc)
+  assert 'preempted at step 12 during its evaluation (it reruns on resume)' in out, out
+  assert Checkpoints(str(tmp_path)).steps()[-1] == 12
+  assert not [r for r in read_metrics(tmp_path) if 'eval_top1' in r]
+  out = _finish(_main(tmp_path, **flags))
+  assert 'rerunning the evaluation of step 12' in out
+  # The same rows as a run never interrupted (its evaluation batches are 32, so the eval
+  # metrics may differ in the last bits of their sums).
+  shape = lambda w: [(r['step'], sorted(r)) for r in read_metrics(w)]  # noqa: E731
+  assert shape(tmp_path) == shape(uninterrupted)
+  assert all(r['eval_count'] == 1000 for r in read_metrics(tmp_path) if 'eval_top1' in r)
+
+
 def _train_in_process(workdir, devices, allow=(), **overrides):
   mesh = sharding.make_mesh(jax.devices()[:devices])
   return train.train_and_evaluate(_config(**overrides), str(workdir), mesh, allow)

@@ -249,7 +249,11 @@ def eval_totals(
   batches: Any,
   totals: Metrics,
 ) -> dict[str, np.ndarray]:
-  """`totals` plus every batch's sums, accumulated on the devices and fetched once."""
+  """`totals` plus every batch's sums, accumulated on the devices and fetched once.
+
+  One batch in flight: the host takes the next batch when the last one is done, so a
+  caller's `batches` can stop the evaluation within a batch (a preemption notice).
+  """
   for batch in batches:
-    totals = eval_step(state, batch, totals)
+    totals = jax.block_until_ready(eval_step(state, batch, totals))
   return jax.device_get(totals)

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -177,6 +177,12 @@ def restore_or_create(
   return setup.create_state(seed) if state is None else state
 
 
+class _EvalInterrupted(Exception):
+  """A preemption notice came during an evaluation: it stops at the next batch, the state
+  is saved, and the evaluation reruns after the restart (an ImageNet evaluation takes
+  minutes; a cloud preemption notice gives about 30 s)."""
+
+
 class _Preemption:
   """Notices SIGTERM (one process) or a preemption notice shared by all processes."""
 
@@ -194,6 +200,18 @@ class _Preemption:
     if self._multi:  # every process must stop at the same step
       return multihost_utils.reached_preemption_sync_point(step)
     return self._requested
+
+  def requested_now(self) -> bool:
+    """Whether to stop mid-evaluation: one process only, since several processes agree on
+    a stop only at a training step's sync point (they finish the evaluation first)."""
+    return not self._multi and self._requested
+
+  def until_requested(self, batches: Iterator[Any]) -> Iterator[Any]:
+    """`batches`, ending in _EvalInterrupted at the first batch after a stop request."""
+    for batch in batches:
+      if self.requested_now():
+        raise _EvalInterrupted
+      yield batch
 
   def close(self) -> None:
     if not self._multi:
@@ -268,6 +286,8 @@ def train_and_evaluate(
 # Per-step metrics logged as one averaged row every log_every_steps; a checkpoint taken
 # between two rows stores the steps since the last row, so a resumed run logs the same row.
 _LOG_WINDOW_KEY = 'log_window'
+# Saved with a checkpoint taken when a preemption interrupted the evaluation of its step.
+_EVAL_PENDING_KEY = 'eval_pending'
 
 
 def _restored_log_window(checkpoints: Checkpoints, step: int) -> list[dict[str, Any]]:
@@ -297,6 +317,13 @@ class _Run:
     train_step = setup.train_step(config.label_smoothing, config.on_nonfinite_loss == 'skip')
     eval_step = setup.eval_step()
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else setup.steps_per_epoch
+    if start and self.checkpoints.custom_metadata(start).get(_EVAL_PENDING_KEY):
+      log.info('rerunning the evaluation of step %d that a preemption interrupted', start)
+      try:
+        self._evaluate(start, state, eval_step)
+      except _EvalInterrupted:
+        self._stop(start, state, pending, eval_pending=True, saved=True)
+        return state
     batches = data.train_batches(config, setup.mesh, start, setup.batch_seeds())
     window_start, window_steps = time.perf_counter(), 0
     profile = _Profile(self.workdir, start, config.profile_steps)
@@ -329,26 +356,50 @@ class _Run:
         window_start, window_steps = now, 0
       best_by = None
       if evaluate:
-        per_member = setup.evaluate(eval_step, state, data.eval_batches(config, setup.mesh))
-        for writer, metrics_k in zip(self.writers, per_member, strict=True):
-          writer.write(step, metrics_k)
-        best_by = {k: _across_members(per_member, k) for k in per_member[0]}
-        self.console.line(step, best_by, with_eta=False)
+        try:
+          best_by = self._evaluate(step, state, eval_step)
+        except _EvalInterrupted:
+          self._stop(step, state, pending, eval_pending=True)
+          break
         window_start = time.perf_counter()  # eval time is not training throughput
       if save:
         self.checkpoints.save(step, state, best_by)
       if step != total and self.preemption.requested(step):
-        _check_finite(config, step, pending)
-        window = [
-          {k: np.asarray(v).tolist() for k, v in m.items()} for m in jax.device_get(pending)
-        ]
-        self.checkpoints.save(step, state, extra={_LOG_WINDOW_KEY: window})
-        self.checkpoints.wait()
-        log.warning(
-          'preempted at step %d: checkpoint saved; rerun the same command to resume.', step
-        )
+        self._stop(step, state, pending, saved=save)
         break
     return state
+
+  def _evaluate(self, step: int, state: ts.TrainState, eval_step) -> dict[str, float]:
+    """Evaluate, write each member's row and the console line; returns the means over
+    members (what the best checkpoint is chosen by)."""
+    batches = self.preemption.until_requested(data.eval_batches(self.config, self.setup.mesh))
+    per_member = self.setup.evaluate(eval_step, state, batches)
+    for writer, metrics_k in zip(self.writers, per_member, strict=True):
+      writer.write(step, metrics_k)
+    best_by = {k: _across_members(per_member, k) for k in per_member[0]}
+    self.console.line(step, best_by, with_eta=False)
+    return best_by
+
+  def _stop(
+    self,
+    step: int,
+    state: ts.TrainState,
+    pending: list[dict[str, Any]],
+    eval_pending: bool = False,
+    saved: bool = False,
+  ) -> None:
+    """Answer a preemption: save `step` with what a restart needs (the unlogged steps'
+    metrics, whether the evaluation of `step` is still to do) unless `saved`, and wait."""
+    if not saved:
+      _check_finite(self.config, step, pending)
+      window = [{k: np.asarray(v).tolist() for k, v in m.items()} for m in jax.device_get(pending)]
+      extra = {_LOG_WINDOW_KEY: window, _EVAL_PENDING_KEY: eval_pending}
+      self.checkpoints.save(step, state, extra=extra)
+    self.checkpoints.wait()
+    during = ' during its evaluation (it reruns on resume)' if eval_pending else ''
+    log.warning(
+      'preempted at step %d%s: checkpoint saved; rerun the same command to resume.', step, during
+    )
 
   def _log(self, step: int, pending: list[dict[str, Any]], img_per_s: float | None) -> None:
     """One averaged row per member for the steps since the last row (and a console line).
