@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 
-from benchmarks import train_throughput as tt
 from benchmarks.bn_stats import layer_calls
 from resnet_jax import models
 from resnet_jax.models.ops import conv_lowering as cl
@@ -96,11 +95,14 @@ def measure(g: cl.Geometry, dtype: str, windows: int, reps: int, margin: float) 
 
 
 def write_table(path: str, rows: list[dict], args: argparse.Namespace) -> None:
-  """Merge `rows`' choices into the table at `path` (created if missing)."""
+  """Merge `rows`' choices into the table at `path`; a missing table, or one measured on
+  another CPU model (its timings do not carry over), is replaced."""
   try:
     with open(path) as f:
       table = json.load(f)
   except FileNotFoundError:
+    table = {'choices': {}, 'measured': {}}
+  if table['measured'].get('cpu') not in (None, cl.cpu_model()):
     table = {'choices': {}, 'measured': {}}
   for row in rows:
     table['choices'].setdefault(row['conv'], {})[row['direction']] = row['choice']
@@ -108,7 +110,7 @@ def write_table(path: str, rows: list[dict], args: argparse.Namespace) -> None:
     'by': 'python -m benchmarks.conv_lowerings',
     'models': args.models,
     'batch': args.batch,
-    'cpu': tt._cpu_model(),
+    'cpu': cl.cpu_model(),
     'jax': jax.__version__,
     'note': (
       f'batch {args.batch}, {args.dtype}, {args.windows} alternating windows of {args.reps} '

@@ -27,6 +27,7 @@ import jax
 
 from benchmarks import train_throughput as tt
 from resnet_jax import models
+from resnet_jax.models.ops import conv_lowering
 
 TORCH_HINT = 'PyTorch is not installed: pip install torch (CPU build) to run this benchmark.'
 
@@ -184,7 +185,7 @@ def compare(name: str, args: argparse.Namespace) -> dict[str, Any]:
     'torch': torch.__version__,
     'torch_threads': torch.get_num_threads(),
     'jax': jax.__version__,
-    'host_cpu': tt._cpu_model(),
+    'host_cpu': conv_lowering.cpu_model(),
     'host_cores': os.cpu_count(),
   }
 

@@ -33,6 +33,7 @@ from resnet_jax import models, sharding
 from resnet_jax.data import on_device
 from resnet_jax.errors import UserError
 from resnet_jax.models import summary
+from resnet_jax.models.ops.conv_lowering import cpu_model
 from resnet_jax.training import optim
 from resnet_jax.training import step as ts
 
@@ -247,7 +248,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     'jaxlib': _jaxlib_version(),
     'flax': flax.__version__,
     'python': platform.python_version(),
-    'host_cpu': _cpu_model(),
+    'host_cpu': cpu_model(),
     'host_cores': os.cpu_count(),
     'host_load_1m': round(os.getloadavg()[0], 2),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
@@ -300,17 +301,6 @@ def _process_age_s() -> float | None:
   except (OSError, ValueError, IndexError):
     return None
   return uptime - start_ticks / os.sysconf('SC_CLK_TCK')
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def _jaxlib_version() -> str:

@@ -79,7 +79,7 @@ def test_dead_taps_are_dropped():
 def test_auto_reads_the_table_on_cpu_only(monkeypatch):
   g = cl.Geometry((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)))
   table = {g.key(jnp.float32): {'forward': 'gemm', 'input_grad': 'gemm'}}
-  monkeypatch.setattr(cl, 'measured_table', lambda: table)
+  monkeypatch.setattr(cl, 'measured_table', lambda: (table, cl.cpu_model()))
   assert cl.choose(g, jnp.float32, 'auto') == cl.Lowering('gemm', 'gemm', 'xla')
   unmeasured = g._replace(x_shape=(128, 3, 3, 512))
   assert cl.choose(unmeasured, jnp.float32, 'auto') == cl.XLA
@@ -89,8 +89,20 @@ def test_auto_reads_the_table_on_cpu_only(monkeypatch):
   assert cl.choose(g, jnp.float32, 'auto') == cl.XLA
 
 
+def test_on_another_cpu_auto_keeps_only_the_dead_tap_choices(monkeypatch):
+  centre = cl.Geometry((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)))
+  full = cl.Geometry((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
+  assert centre.has_dead_taps() and not full.has_dead_taps()
+  taps = {'forward': 'taps', 'input_grad': 'taps', 'weight_grad': 'taps'}
+  table = {g.key(jnp.float32): taps for g in (centre, full)}
+  monkeypatch.setattr(cl, 'measured_table', lambda: (table, 'Some Other CPU @ 2.0GHz'))
+  assert cl.choose(centre, jnp.float32, 'auto') == cl.Lowering('taps', 'taps', 'taps')
+  assert cl.choose(full, jnp.float32, 'auto') == cl.XLA
+
+
 def test_committed_table_names_known_lowerings():
-  table = cl.measured_table()
+  table, cpu = cl.measured_table()
+  assert cpu, f'{cl.TABLE_FILE} does not say which CPU it was measured on'
   assert table, f'{cl.TABLE_FILE} is missing: run python -m benchmarks.conv_lowerings --write'
   options = {'forward': cl.FORWARD, 'input_grad': cl.INPUT_GRAD, 'weight_grad': cl.WEIGHT_GRAD}
   for key, choice in table.items():

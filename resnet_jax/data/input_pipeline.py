@@ -124,11 +124,9 @@ def _unreachable(urls: Iterable[str]) -> str:
   return ''
 
 
-def _download_if_missing(builder: tfds.core.DatasetBuilder, spec: DatasetSpec) -> None:
+def _download(builder: tfds.core.DatasetBuilder, spec: DatasetSpec) -> None:
   """Let tfds download and prepare a missing dataset it can fetch itself (MNIST, CIFAR,
   Imagenette), as every JAX example does; a UserError at once where that cannot work."""
-  if builder.is_prepared():
-    return
   root = str(builder.data_dir_root)
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
     raise UserError(missing_data_message(spec.name, root))
@@ -166,11 +164,11 @@ def _read(
   spec: DatasetSpec, data_dir: str | None, split: tfds.typing.SplitArg, **kwargs
 ) -> tf.data.Dataset:
   builder = _builder(spec, data_dir)
-  _download_if_missing(builder, spec)
   try:
     return builder.as_dataset(split=split, **kwargs)
-  except AssertionError as e:  # how tfds says that the data was never prepared there
-    raise UserError(missing_data_message(spec.name, str(builder.data_dir_root))) from e
+  except AssertionError:  # how tfds says that the data was never prepared there
+    _download(builder, spec)
+  return builder.as_dataset(split=split, **kwargs)
 
 
 @contextlib.contextmanager

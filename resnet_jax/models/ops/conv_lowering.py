@@ -20,14 +20,20 @@ A tap is live when some output reads an input pixel through it, not only padding
 convolution on a 1x1 map is its centre tap, one matrix product.
 
 `auto` takes each direction's lowering from the table that benchmarks/conv_lowerings.py
-measured on this machine kind (`cpu_conv_table.json`), keyed by the convolution's shape
-without the batch; a shape it has not measured, any non-CPU backend, and anything but a
-plain convolution (dilation, groups, other layouts) use XLA's convolution unchanged.
+measured (`cpu_conv_table.json`), keyed by the convolution's shape without the batch. The
+timings behind it belong to the CPU they were taken on (XLA's convolution and the matrix
+products rank differently on another vendor's cores), so on any other CPU model `auto`
+keeps only the choices for shapes with dead taps (fewer multiply-adds than XLA's conv,
+whatever the CPU) and uses XLA's convolution elsewhere; measure such a CPU with the
+benchmark's --write to extend the table. A shape it has not measured, any non-CPU
+backend, and anything but a plain convolution (dilation, groups, other layouts) use XLA's
+convolution unchanged.
 """
 
 import functools
 import json
 import pathlib
+import platform
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -79,6 +85,10 @@ class Geometry(NamedTuple):
 
   def taps(self) -> list[tuple[int, int]]:
     return [(i, j) for i in self.live(0) for j in self.live(1)]
+
+  def has_dead_taps(self) -> bool:
+    """Whether some kernel taps read only padding (a 3x3 conv on a 1x1 or 2x2 map)."""
+    return len(self.taps()) < self.w_shape[0] * self.w_shape[1]
 
   def key(self, dtype: Any) -> str:
     """The table key: everything but the batch size."""
@@ -263,16 +273,34 @@ def choose(g: Geometry, dtype: Any, impl: str) -> Lowering:
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return XLA
-    return Lowering(**measured_table().get(g.key(dtype), {}))
+    choices, measured_cpu = measured_table()
+    if measured_cpu != cpu_model() and not g.has_dead_taps():
+      return XLA
+    return Lowering(**choices.get(g.key(dtype), {}))
   return Lowering(impl, impl, impl)
 
 
 @functools.cache
-def measured_table() -> dict[str, dict[str, str]]:
-  """The committed per-shape choices ({key: {forward, input_grad, weight_grad}})."""
+def measured_table() -> tuple[dict[str, dict[str, str]], str | None]:
+  """The committed per-shape choices ({key: {forward, input_grad, weight_grad}}) and the
+  CPU model they were measured on."""
   if not TABLE_FILE.exists():
-    return {}
-  return json.loads(TABLE_FILE.read_text())['choices']
+    return {}, None
+  table = json.loads(TABLE_FILE.read_text())
+  return table['choices'], table['measured'].get('cpu')
+
+
+@functools.cache
+def cpu_model() -> str:
+  """This machine's CPU model name (Linux: /proc/cpuinfo), as the table records it."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
 
 
 @functools.cache
