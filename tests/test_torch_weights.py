@@ -149,6 +149,74 @@ def test_mismatches_are_one_line_errors_naming_the_first():
     tw.from_torch(resnet50, expected, 'r50.safetensors')
 
 
+def _timm_resnet50d(state: dict) -> dict:
+  """resnet50's state dict in the layout of timm's resnet50d: a deep stem of three 3x3 convs
+  and average-pool shortcuts (the conv moves from downsample.0 to downsample.1)."""
+  d = {k: v for k, v in state.items() if not k.startswith('conv1.')}
+  for i, (cout, cin) in zip((0, 3, 6), ((32, 3), (32, 32), (64, 32)), strict=True):
+    d[f'conv1.{i}.weight'] = np.zeros((cout, cin, 3, 3), np.float32)
+  for k in [k for k in d if '.downsample.' in k]:
+    block, rest = k.split('.downsample.')
+    index, name = rest.split('.')
+    d[f'{block}.downsample.{int(index) + 1}.{name}'] = d.pop(k)
+  return d
+
+
+def test_files_of_layouts_no_model_builds_are_named_for_what_they_hold():
+  expected = _expected(_model('resnet50'))
+  r50 = _generated(_model('resnet50'))
+  with pytest.raises(UserError) as e:
+    tw.from_torch(_timm_resnet50d(r50), expected, 'resnet50d.safetensors')
+  message = str(e.value)
+  assert 'torchvision resnet50' not in message and 'model_overrides' not in message
+  assert "a deep stem of 3x3 convs (conv1.0..., as in timm's resnet*c/d)" in message
+  assert 'average-pool shortcuts' in message and 'so this file cannot be imported' in message
+  wide = {
+    **r50,
+    'layer1.0.conv1.weight': np.zeros((128, 64, 1, 1), np.float32),
+    'layer1.0.conv3.weight': np.zeros((256, 128, 1, 1), np.float32),
+  }
+  with pytest.raises(UserError) as e:
+    tw.from_torch(wide, expected, 'wide_resnet50_2.safetensors')
+  assert 'bottlenecks that expand 2x, not 4x (as in wide_resnet50_2)' in str(e.value)
+  assert 'torchvision resnet50' not in str(e.value)
+
+
+def test_a_pickled_whole_model_says_to_save_the_state_dict(tmp_path, monkeypatch):
+  """torch.load(weights_only=True) refuses a torch.save(model) file with a long, coloured
+  message; the error is one plain line (a stand-in torch raises torch 2.x's text)."""
+  import pickle
+  import types
+
+  def load(*args, **kwargs):
+    raise pickle.UnpicklingError(
+      'Weights only load failed. This file can still be loaded, to do so you have two '
+      'options, \x1b[1mdo those steps only if you trust the source of the checkpoint\x1b[0m.'
+      '\n\t(1) ...\nWeightsUnpickler error: Unsupported global: GLOBAL '
+      'torchvision.models.resnet.ResNet was not an allowed global by default.'
+    )
+
+  monkeypatch.setitem(sys.modules, 'torch', types.SimpleNamespace(load=load))
+  (tmp_path / 'model.pth').write_bytes(b'\x80\x02')
+  with pytest.raises(UserError) as e:
+    tw.read(str(tmp_path / 'model.pth'))
+  message = str(e.value)
+  assert message == (
+    f'{tmp_path / "model.pth"} holds a pickled torchvision.models.resnet.ResNet object '
+    '(torch.save(model)), not a state dict; save model.state_dict() instead: '
+    'torch.save(model.state_dict(), PATH).'
+  )
+
+
+def test_write_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
+  target = tmp_path / 'w.safetensors'
+  target.write_bytes(b'made by someone else while the model was being built')
+  with pytest.raises(UserError, match='w.safetensors exists; give a new --to file'):
+    tw.write({'a': np.zeros(3, np.float32)}, str(target), {})
+  assert target.read_bytes() == b'made by someone else while the model was being built'
+  assert [p.name for p in tmp_path.iterdir()] == ['w.safetensors']  # no temporary left
+
+
 def test_unreadable_files_are_one_line_errors(tmp_path):
   bad = tmp_path / 'bad.safetensors'
   bad.write_bytes(b'not a safetensors file')

@@ -30,6 +30,7 @@ Known differences, none of which changes what a converted net computes:
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -133,9 +134,14 @@ def from_torch(
   }
   mismatch = first_mismatch(have, want)
   if mismatch:
+    foreign = unbuildable_features(state_dict)
+    fix = (
+      f'no model here has {" or ".join(foreign)}, so this file cannot be imported'
+      if foreign
+      else 'use the model it was trained as (--config.model, --config.model_overrides.*)'
+    )
     raise UserError(
-      f'{source} does not fit the model: {mismatch} (it holds {describe(state_dict)}); '
-      'use the model it was trained as (--config.model, --config.model_overrides.*).'
+      f'{source} does not fit the model: {mismatch} (it holds {describe(state_dict)}); {fix}.'
     )
   result: Variables = {'params': {}, 'batch_stats': {}}
   for key, collection, path, leaf, perm in entries:
@@ -171,7 +177,8 @@ def _natural(name: str) -> list[Any]:
 
 def describe(state_dict: Mapping[str, np.ndarray]) -> str:
   """What a torchvision-layout state dict holds, e.g. 'bottleneck blocks 3-4-6-3
-  (torchvision resnet50), 1000 classes'."""
+  (torchvision resnet50), 1000 classes', or 'bottleneck blocks 3-4-6-3 with a deep stem of
+  three 3x3 convs ..., 1000 classes' for a layout torchvision does not build."""
   blocks: dict[int, set[int]] = {}
   for key in state_dict:
     match = re.match(r'layer(\d+)\.(\d+)\.', key)
@@ -181,11 +188,31 @@ def describe(state_dict: Mapping[str, np.ndarray]) -> str:
     return 'no torchvision-layout ResNet blocks (layer1.0...)'
   kind = 'bottleneck' if any('.conv3.' in k for k in state_dict) else 'basic'
   sizes = tuple(len(blocks[s]) for s in sorted(blocks))
-  name = TORCHVISION_NETS.get((kind, sizes))
+  foreign = unbuildable_features(state_dict)
+  name = None if foreign else TORCHVISION_NETS.get((kind, sizes))
   fc = state_dict.get('fc.weight')
   classes = f', {np.shape(fc)[0]} classes' if fc is not None else ''
   named = f' (torchvision {name})' if name else ''
-  return f'{kind} blocks {"-".join(map(str, sizes))}{named}{classes}'
+  features = f' with {", ".join(foreign)}' if foreign else ''
+  return f'{kind} blocks {"-".join(map(str, sizes))}{named}{features}{classes}'
+
+
+def unbuildable_features(state_dict: Mapping[str, np.ndarray]) -> list[str]:
+  """What a state dict has that none of our ResNets builds (timm's deep stems and
+  average-pool shortcuts, wide blocks): these files fit no config."""
+  features = []
+  if any(k.startswith('conv1.0.') for k in state_dict):
+    features.append("a deep stem of 3x3 convs (conv1.0..., as in timm's resnet*c/d)")
+  if any(
+    re.match(r'layer\d+\.0\.downsample\.1\.weight$', k) and np.ndim(v) == 4
+    for k, v in state_dict.items()
+  ):
+    features.append("average-pool shortcuts (downsample.1, as in timm's resnet*d)")
+  inner, out = state_dict.get('layer1.0.conv1.weight'), state_dict.get('layer1.0.conv3.weight')
+  if inner is not None and out is not None and np.shape(out)[0] != 4 * np.shape(inner)[0]:
+    ratio = np.shape(out)[0] / np.shape(inner)[0]
+    features.append(f'bottlenecks that expand {ratio:g}x, not 4x (as in wide_resnet50_2)')
+  return features
 
 
 TORCHVISION_NETS = {
@@ -262,7 +289,7 @@ def _read_pth(path: str) -> StateDict:
   try:
     loaded = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # noqa: BLE001 - includes pickles that weights_only refuses
-    raise UserError(f'{path} is not a loadable torch state dict ({first_line(e)}).') from e
+    raise UserError(_pth_problem(path, e)) from e
   # Training checkpoints often wrap the weights: {'model': state_dict, 'optimizer': ...}.
   for key in ('state_dict', 'model'):
     if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
@@ -276,11 +303,31 @@ def _read_pth(path: str) -> StateDict:
   }
 
 
-def write(state_dict: StateDict, path: str, metadata: Mapping[str, Any]) -> None:
-  """Write `state_dict` as safetensors, atomically (a temporary file, then a rename).
+def _pth_problem(path: str, error: Exception) -> str:
+  """One line for a .pth that torch.load(weights_only=True) refuses.
 
-  `metadata` is stored in the file's header as JSON strings; 'format': 'pt' marks it as
-  torch-layout, as safetensors.torch does.
+  torch's own message is many lines with terminal colour codes; a whole pickled model
+  (`torch.save(model)`) shows as an 'Unsupported global' of its class.
+  """
+  text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))
+  unsupported = re.search(r'Unsupported global: GLOBAL ([\w.]+)', text)
+  if unsupported:
+    return (
+      f'{path} holds a pickled {unsupported[1]} object (torch.save(model)), not a state '
+      'dict; save model.state_dict() instead: torch.save(model.state_dict(), PATH).'
+    )
+  line = ' '.join(text.split())
+  return f'{path} is not a loadable torch state dict ({line[:120]}); save model.state_dict().'
+
+
+def write(state_dict: StateDict, path: str, metadata: Mapping[str, Any]) -> None:
+  """Write `state_dict` as the new safetensors file `path`: complete or not at all, and
+  never over a file, even one created while this one was being written (a UserError).
+
+  The file is written under a temporary name, then hard-linked to `path` (which fails if
+  `path` exists); where the filesystem has no hard links, `path` is created exclusively
+  and filled from the temporary file. `metadata` is stored in the file's header as JSON
+  strings; 'format': 'pt' marks it as torch-layout, as safetensors.torch does.
   """
   from safetensors.numpy import save_file
 
@@ -288,7 +335,26 @@ def write(state_dict: StateDict, path: str, metadata: Mapping[str, Any]) -> None
   tmp = f'{path}.tmp-{uuid.uuid4().hex}'
   try:
     save_file(state_dict, tmp, metadata=header)
-    os.replace(tmp, path)
+    try:
+      os.link(tmp, path)
+    except FileExistsError:
+      raise UserError(f'{path} exists; give a new --to file (nothing was written).') from None
+    except OSError:  # no hard links here
+      _copy_exclusive(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _copy_exclusive(source: str, path: str) -> None:
+  """Copy `source` to the new file `path` (UserError if it exists; no partial file left)."""
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    raise UserError(f'{path} exists; give a new --to file (nothing was written).') from None
+  try:
+    with os.fdopen(fd, 'wb') as out, open(source, 'rb') as src:
+      shutil.copyfileobj(src, out)
+  except BaseException:
+    os.remove(path)
+    raise
