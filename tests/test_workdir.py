@@ -86,6 +86,11 @@ def trained(tmp_path_factory):
     (['--config.batch_size=32'], 'batch_size (16 -> 32)', '--allow_config_change=batch_size'),
     (['--config.seed=3'], 'seed (0 -> 3)', '--allow_config_change=seed'),
     (['--mode=eval', '--config.model=cifar_resnet44'], 'model', 'the config that trained it'),
+    (
+      ['--mode=eval', '--config.dtype=bfloat16'],
+      "dtype ('float32' -> 'bfloat16')",
+      'or add --allow_config_change=dtype to evaluate with this one deliberately',
+    ),
   ],
 )
 def test_a_config_that_does_not_fit_is_refused_and_touches_nothing(trained, flags, named, fix):

@@ -164,14 +164,14 @@ def _allowed_changes(
   refused = [f for f in changed if not allow & {f, _top(f)} or _top(f) in STATE_FIELDS]
   if refused:
     state = [f for f in refused if _top(f) in STATE_FIELDS]
+    allow_flag = '--allow_config_change=' + ','.join(sorted({_top(f) for f in refused}))
     fix = (
       f'evaluate with the config that trained it (recorded in {CONFIG_FILE})'
+      + ('' if state else f', or add {allow_flag} to evaluate with this one deliberately')
       if for_eval
       else 'these define the model and optimizer state: use a new --workdir'
       if state
-      else 'use a new --workdir, or --allow_config_change='
-      + ','.join(sorted({_top(f) for f in refused}))
-      + ' to change them deliberately'
+      else f'use a new --workdir, or {allow_flag} to change them deliberately'
     )
     raise UserError(
       f'the config differs from the one that made {workdir} ({CONFIG_FILE}): '
