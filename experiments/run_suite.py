@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
 from experiments import suites  # noqa: E402
-from resnet_jax.errors import UserError  # noqa: E402
+from resnet_jax.errors import EXIT_PREEMPTED, UserError  # noqa: E402
 
 COMMAND_FILE, LOG_FILE, DONE_FILE, FAILED_FILE = 'command.txt', 'log.txt', 'DONE', 'FAILED'
 MANIFEST_FILE = 'suite.json'
@@ -102,7 +102,8 @@ def link_members(job: suites.Job, workdir: str) -> None:
 
 
 def run_job(job: suites.Job, workdir: str, runner: Runner = subprocess_runner) -> str:
-  """Trains one job unless DONE; returns 'ok', 'failed' or 'skipped'.
+  """Trains one job unless DONE; returns 'ok', 'failed', 'skipped' or 'preempted' (main.py
+  stopped it early on a SIGTERM, its state saved: no DONE, and a rerun resumes it).
 
   A stacked job's DONE is also written in each member's directory (with the time of the
   whole program), so report.py finds every run finished.
@@ -118,6 +119,8 @@ def run_job(job: suites.Job, workdir: str, runner: Runner = subprocess_runner) -
   start = time.time()
   code = runner(job.command, log_path)
   seconds = round(time.time() - start, 1)
+  if code == EXIT_PREEMPTED:  # saved, not finished: a rerun resumes it
+    return 'preempted'
   if code != 0:
     _write(os.path.join(run_dir, FAILED_FILE), f'exit code {code}\n{_tail(log_path)}')
     return 'failed'
@@ -138,8 +141,9 @@ def run_job(job: suites.Job, workdir: str, runner: Runner = subprocess_runner) -
 def run_jobs(
   jobs: Sequence[suites.Job], workdir: str, runner: Runner = subprocess_runner
 ) -> dict[str, list[str]]:
-  """Every job in turn, a failure not stopping the rest: {'ok'|'failed'|'skipped': [dirs]}."""
-  results: dict[str, list[str]] = {'ok': [], 'failed': [], 'skipped': []}
+  """Every job in turn, a failure not stopping the rest, a preemption stopping them all:
+  {'ok'|'failed'|'skipped'|'preempted': [dirs]}."""
+  results: dict[str, list[str]] = {'ok': [], 'failed': [], 'skipped': [], 'preempted': []}
   for i, job in enumerate(jobs, 1):
     print(f'[{i}/{len(jobs)}] {job.directory} ...', flush=True)
     start = time.time()
@@ -150,6 +154,8 @@ def run_jobs(
       failed = os.path.join(workdir, job.directory, FAILED_FILE)
       with open(failed) as f:
         print(f.read(), file=sys.stderr, flush=True)
+    if status == 'preempted':
+      break  # the machine is going away; rerunning the suite resumes here
   return results
 
 
@@ -230,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   write_manifest(workdir, args.suite, suite, runs, args.seeds, args.steps_scale)
   results = run_jobs(jobs, workdir)
   print(summary(results))
-  sys.exit(1 if results['failed'] else 0)
+  sys.exit(EXIT_PREEMPTED if results['preempted'] else 1 if results['failed'] else 0)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,15 @@ class CheckpointWriteError(UserError):
   """
 
 
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped early, state saved, rerun to resume
+
+
+class Preempted(Exception):
+  """The run stopped before its last step on a preemption notice (SIGTERM), its state
+  saved: rerunning the same command resumes it. main.py exits with EX_TEMPFAIL (75), so a
+  scheduler or the suite driver never takes a preempted run for a finished one."""
+
+
 def first_line(e: BaseException, limit: int = 100) -> str:
   """The first line of an exception's message, shortened to `limit` characters."""
   text = str(e).strip()

@@ -19,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from configs import smoke
 from resnet_jax import sharding
-from resnet_jax.errors import UserError
+from resnet_jax.errors import EXIT_PREEMPTED, UserError
 from resnet_jax.training import train
 from resnet_jax.training.checkpoints import FINGERPRINTED_MARKER, Checkpoints
 from resnet_jax.training.metrics import read_metrics
@@ -88,9 +88,9 @@ def _wait_for_step(workdir, step, proc, timeout=120):
   raise TimeoutError(f'step {step} not reached')
 
 
-def _finish(proc):
+def _finish(proc, code=0):
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
+  assert proc.returncode == code, out
   return out
 
 
@@ -141,7 +141,7 @@ def test_sigterm_stops_at_the_next_step_and_the_resumed_log_is_exact(tmp_path, u
   proc = _main(preempted, **sparse)
   _wait_for_step(preempted, 10, proc)
   proc.send_signal(signal.SIGTERM)
-  out = _finish(proc)
+  out = _finish(proc, code=EXIT_PREEMPTED)  # saved, not finished: a scheduler reruns it
   assert 'preempted at step' in out
   stopped = Checkpoints(str(preempted)).steps()[-1]
   print('SIGTERM after the row of step 10; saved at step', stopped)
@@ -165,7 +165,7 @@ def test_sigterm_during_an_evaluation_stops_it_saves_and_reruns_it_on_resume(
   proc = _main(tmp_path, **flags)
   _wait_for_step(tmp_path, 12, proc)
   proc.send_signal(signal.SIGTERM)
-  out = _finish(proc)
+  out = _finish(proc, code=EXIT_PREEMPTED)  # saved, not finished: a scheduler reruns it
   assert 'preempted at step 12 during its evaluation (it reruns on resume)' in out, out
   assert Checkpoints(str(tmp_path)).steps()[-1] == 12
   assert not [r for r in read_metrics(tmp_path) if 'eval_top1' in r]

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from experiments import report, run_suite, suites
-from resnet_jax.errors import UserError
+from resnet_jax.errors import EXIT_PREEMPTED, UserError
 from resnet_jax.training.metrics import read_metrics
 
 SMOKE = 'configs/smoke.py'
@@ -224,7 +224,12 @@ def test_driver_skips_done_runs_and_survives_failures(tmp_path):
     return 3 if fail and '/b/' in command[3] else 0
 
   results = run_suite.run_jobs(jobs, workdir, fake_runner)
-  assert results == {'ok': ['c/seed0'], 'failed': ['b/seed0'], 'skipped': ['a/seed0']}
+  assert results == {
+    'ok': ['c/seed0'],
+    'failed': ['b/seed0'],
+    'skipped': ['a/seed0'],
+    'preempted': [],
+  }
   assert [c[3] for c in calls] == [f'--workdir={workdir}/b/seed0', f'--workdir={workdir}/c/seed0']
   failed = (tmp_path / 'b' / 'seed0' / 'FAILED').read_text()
   assert failed.startswith('exit code 3\n') and 'error: boom' in failed
@@ -232,12 +237,37 @@ def test_driver_skips_done_runs_and_survives_failures(tmp_path):
   assert done['command'] == shlex.join(jobs[2].command) and done['seconds'] >= 0
   command = (tmp_path / 'b' / 'seed0' / 'command.txt').read_text()
   assert command == shlex.join(jobs[1].command) + '\n'
-  assert run_suite.summary(results) == 'summary: 1 ok, 1 failed, 1 skipped\n  FAILED b/seed0'
+  assert run_suite.summary(results) == (
+    'summary: 1 ok, 1 failed, 1 skipped, 0 preempted\n  FAILED b/seed0'
+  )
 
   # The rerun only retries the failed run; its success clears FAILED.
   results = run_suite.run_jobs(jobs, workdir, lambda c, p: fake_runner(c, p, fail=False))
-  assert results == {'ok': ['b/seed0'], 'failed': [], 'skipped': ['a/seed0', 'c/seed0']}
+  assert results == {
+    'ok': ['b/seed0'],
+    'failed': [],
+    'skipped': ['a/seed0', 'c/seed0'],
+    'preempted': [],
+  }
   assert not (tmp_path / 'b' / 'seed0' / 'FAILED').exists()
+
+
+def test_a_preempted_run_is_neither_done_nor_failed_and_stops_the_suite(tmp_path):
+  workdir = str(tmp_path)
+  jobs = suites.expand([_toy_run('a'), _toy_run('b')], workdir)
+  calls = []
+
+  def preempted_runner(command, log_path):
+    calls.append(command)
+    return EXIT_PREEMPTED  # what main.py exits with after a SIGTERM, its state saved
+
+  results = run_suite.run_jobs(jobs, workdir, preempted_runner)
+  assert results == {'ok': [], 'failed': [], 'skipped': [], 'preempted': ['a/seed0']}
+  assert len(calls) == 1  # the machine is going away: b is left for the rerun
+  assert not (tmp_path / 'a' / 'seed0' / 'DONE').exists()
+  assert not (tmp_path / 'a' / 'seed0' / 'FAILED').exists()
+  # The rerun trains it again (main.py resumes from its checkpoint).
+  assert run_suite.run_jobs(jobs, workdir, lambda c, p: 0)['ok'] == ['a/seed0', 'b/seed0']
 
 
 def test_manifest_merges_runs_of_earlier_calls_in_suite_order(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_jax.errors import CheckpointWriteError, UserError
+from resnet_jax.errors import EXIT_PREEMPTED, CheckpointWriteError, Preempted, UserError
 from resnet_jax.training.metrics import console_logging
 
 FLAGS = flags.FLAGS
@@ -187,6 +187,9 @@ def main() -> None:
   sys.excepthook = _drop_closed_loop_callbacks
   try:
     app.run(run, flags_parser=_parse_flags)
+  except Preempted:
+    # Saved and logged; a non-zero code so that a scheduler (or run_suite.py) reruns it.
+    sys.exit(EXIT_PREEMPTED)
   except CheckpointWriteError as e:
     # The failed save's orbax threads never finish and would hold the exit forever.
     print(f'error: {e}', file=sys.stderr, flush=True)

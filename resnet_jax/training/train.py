@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from resnet_jax import data, models, sharding
 from resnet_jax.data import datasets
-from resnet_jax.errors import UserError
+from resnet_jax.errors import Preempted, UserError
 from resnet_jax.training import config_checks, finetune, optim, stack
 from resnet_jax.training import step as ts
 from resnet_jax.training import workdir as workdir_lib
@@ -243,6 +243,8 @@ def train_and_evaluate(
 ) -> ts.TrainState:
   """Train `config` in `workdir` to its last step (resuming if possible); returns the state.
 
+  Raises Preempted when a SIGTERM stopped the run early (its checkpoint saved).
+
   A workdir made by another config is refused (see resnet_jax.training.workdir) unless the fields
   that differ are named in `allow_config_change`. A stack (resnet_jax.training.stack) keeps its
   checkpoints in `workdir` and each member's metrics in WORKDIR/<member name>.
@@ -280,7 +282,10 @@ def train_and_evaluate(
     preemption = _Preemption()
     exits.callback(preemption.close)
     run = _Run(config, workdir, setup, checkpoints, writers, console, preemption)
-    return run.loop(state, log_window)
+    state = run.loop(state, log_window)
+  if int(state.step) < setup.total_steps:  # checkpoints are closed: the save is on disk
+    raise Preempted(f'preempted at step {int(state.step)} of {setup.total_steps}')
+  return state
 
 
 # Per-step metrics logged as one averaged row every log_every_steps; a checkpoint taken
