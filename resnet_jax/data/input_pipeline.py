@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
 from resnet_jax.data.datasets import IN_MEMORY, DatasetSpec
+from resnet_jax.data.memory_source import NPZ_LAYOUT
 from resnet_jax.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ Batch = dict[str, np.ndarray]
 # How long a download host may take to accept a connection before the machine counts as
 # offline; tfds itself retries an unreachable host for minutes before it gives up.
 PROBE_TIMEOUT_S = 5.0
-_NPZ_KEYS = 'x_train, y_train, x_test, y_test'
 
 # What TF raises while reading damaged prepared files: corrupt or truncated records
 # (DataLoss), a missing shard (NotFound), fewer records than dataset_info.json lists
@@ -94,7 +94,7 @@ def _how_to_get(name: str, data_dir: str) -> str:
       f'{data_dir}/downloads/manual and run `tfds build imagenet2012 --data_dir {data_dir}`'
     )
   elsewhere = (
-    f'put {name}.npz (uint8 arrays {_NPZ_KEYS}) in a folder and set --config.data_dir to it'
+    f'put {name}.npz ({NPZ_LAYOUT}) in a folder and set --config.data_dir to it'
     if name in IN_MEMORY
     else f'run `tfds build {name} --data_dir DIR` on a machine with internet and copy DIR here'
   )

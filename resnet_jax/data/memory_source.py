@@ -29,6 +29,7 @@ from resnet_jax.errors import UserError
 
 CROP_PAD = 4  # CIFAR: pad 4 pixels each side, random crop of the original size (the paper)
 NPZ_NAMES = ('{name}.npz', '{name}_jpeg.npz')
+NPZ_LAYOUT = 'uint8 arrays x_train, y_train, x_test, y_test'  # as keras.datasets saves them
 
 Batch = dict[str, np.ndarray]
 
@@ -57,8 +58,8 @@ def load_split(
       names = ' or '.join(p.format(name=spec.name) for p in NPZ_NAMES)
       raise UserError(
         f'dataset {spec.name}: tensorflow is not installed here and the data dir '
-        f'{data_dir} has no {names}; put that archive (uint8 arrays x_train, y_train, x_test, '
-        'y_test) in a folder and set --config.data_dir to it, or install tensorflow-datasets.'
+        f'{data_dir} has no {names}; put that archive ({NPZ_LAYOUT}) in a folder and set '
+        '--config.data_dir to it, or install tensorflow-datasets.'
       ) from e
     images, labels = input_pipeline.load_split(spec, split, data_dir)
   order = canonical_order(images, labels)
@@ -94,7 +95,7 @@ def read_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
       else:
         raise UserError(
           f'{path} has no split {split!r} (expected x_{split} or {split}_jpeg arrays); '
-          'give an archive with x_train, y_train, x_test and y_test arrays.'
+          f'give an archive with {NPZ_LAYOUT}.'
         )
       labels = archive[f'y_{split}'].astype(np.int32)
   except (OSError, ValueError, KeyError) as e:

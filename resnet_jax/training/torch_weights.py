@@ -56,7 +56,7 @@ def export_weights(
   if not target.endswith('.safetensors'):
     raise UserError(f'--to={target}: exports are safetensors files; end the name in .safetensors.')
   if os.path.exists(target):
-    raise UserError(f'{target} exists; give a new --to file (nothing was written).')
+    raise torch_format.target_exists(target)
   model, variables, step = train.load_variables(config, workdir, step, member)
   name = torch_format.torchvision_name(model)
   metadata = {

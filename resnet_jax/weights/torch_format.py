@@ -338,7 +338,7 @@ def write(state_dict: StateDict, path: str, metadata: Mapping[str, Any]) -> None
     try:
       os.link(tmp, path)
     except FileExistsError:
-      raise UserError(f'{path} exists; give a new --to file (nothing was written).') from None
+      raise target_exists(path) from None
     except OSError:  # no hard links here
       _copy_exclusive(tmp, path)
   finally:
@@ -346,12 +346,17 @@ def write(state_dict: StateDict, path: str, metadata: Mapping[str, Any]) -> None
       os.remove(tmp)
 
 
+def target_exists(path: str) -> UserError:
+  """The error for an export whose target file is already there (it is never replaced)."""
+  return UserError(f'{path} exists; give a new --to file (nothing was written).')
+
+
 def _copy_exclusive(source: str, path: str) -> None:
   """Copy `source` to the new file `path` (UserError if it exists; no partial file left)."""
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
   except FileExistsError:
-    raise UserError(f'{path} exists; give a new --to file (nothing was written).') from None
+    raise target_exists(path) from None
   try:
     with os.fdopen(fd, 'wb') as out, open(source, 'rb') as src:
       shutil.copyfileobj(src, out)
