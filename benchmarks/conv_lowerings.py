@@ -8,9 +8,10 @@ For each distinct convolution (input shape without the batch, kernel, strides, p
 dtype) and each direction (forward, input gradient, weight gradient) every formulation of
 resnet_jax.models.ops.conv_lowering is compiled alone and timed in alternating windows
 (the machine is shared: the candidates see the same noise); the median per call wins,
-XLA's convolution unless another is at least `--margin` faster. Prints one `RESULT` row per
-convolution and direction with every candidate's ms. `--write` merges the choices into
-the table (other shapes' entries stay).
+XLA's convolution unless another is at least `--margin` faster; where oneDNN loads, a
+second choice (`choices_with_onednn`) takes oneDNN where it is `--margin` faster than that.
+Prints one `RESULT` row per convolution and direction with every candidate's ms. `--write`
+merges the choices into the table (other shapes' entries stay).
 """
 
 import argparse
@@ -77,10 +78,19 @@ def measure(g: cl.Geometry, dtype: str, windows: int, reps: int, margin: float) 
   dy = jax.random.normal(keys[2], (g.x_shape[0], *g.out_hw, g.w_shape[3]), dtype)
   rows = []
   for direction, (table, bind) in DIRECTIONS.items():
-    fns = {name: bind(f, g) for name, f in table.items()}
+    fns = {
+      name: bind(f, g)
+      for name, f in table.items()
+      if name != 'onednn' or cl.onednn_takes(g, jax.numpy.dtype(dtype))
+    }
     ms = time_candidates(fns, (x, w, dy), windows, reps)
-    best = min(ms, key=ms.get)
+    # Two choices: among XLA's formulations (what `auto` uses where oneDNN does not load,
+    # or the program spans several devices), and that or oneDNN.
+    best = min((k for k in ms if k != 'onednn'), key=ms.get)
     choice = best if ms[best] < (1 - margin) * ms['xla'] else 'xla'
+    with_onednn = choice
+    if 'onednn' in ms and ms['onednn'] < (1 - margin) * ms[choice]:
+      with_onednn = 'onednn'
     rows.append(
       {
         'conv': g.key(dtype),
@@ -89,6 +99,7 @@ def measure(g: cl.Geometry, dtype: str, windows: int, reps: int, margin: float) 
         'ms': {k: round(v, 3) for k, v in ms.items()},
         'choice': choice,
         'speedup_vs_xla': round(ms['xla'] / ms[choice], 3),
+        'choice_with_onednn': with_onednn,
       }
     )
   return rows
@@ -103,9 +114,12 @@ def write_table(path: str, rows: list[dict], args: argparse.Namespace) -> None:
   except FileNotFoundError:
     table = {'choices': {}, 'measured': {}}
   if table['measured'].get('cpu') not in (None, cl.cpu_model()):
-    table = {'choices': {}, 'measured': {}}
+    table = {'choices': {}, 'measured': {}}  # and no choices_with_onednn
   for row in rows:
     table['choices'].setdefault(row['conv'], {})[row['direction']] = row['choice']
+    if 'onednn' in row['ms']:
+      with_onednn = table.setdefault('choices_with_onednn', {})
+      with_onednn.setdefault(row['conv'], {})[row['direction']] = row['choice_with_onednn']
   table['measured'] = {
     'by': 'python -m benchmarks.conv_lowerings',
     'models': args.models,
@@ -117,7 +131,9 @@ def write_table(path: str, rows: list[dict], args: argparse.Namespace) -> None:
       f"calls, medians; a formulation other than XLA's only when {args.margin:.0%} faster"
     ),
   }
-  table['choices'] = dict(sorted(table['choices'].items()))
+  for section in ('choices', 'choices_with_onednn'):
+    if section in table:
+      table[section] = dict(sorted(table[section].items()))
   with open(path, 'w') as f:
     json.dump(table, f, indent=1)
     f.write('\n')

@@ -443,8 +443,10 @@ def test_conv_lowerings_measures_and_writes_a_table(tmp_path):
   rows = conv_lowerings.measure(geometries[-1], 'float32', windows=1, reps=1, margin=0.05)
   assert [r['direction'] for r in rows] == list(conv_lowerings.DIRECTIONS)
   for row in rows:
-    assert set(row['ms']) == set(conv_lowerings.DIRECTIONS[row['direction']][0])
+    candidates = set(conv_lowerings.DIRECTIONS[row['direction']][0])
+    assert set(row['ms']) == candidates - ({'onednn'} - set(row['ms']))
     assert row['ms']['xla'] / row['speedup_vs_xla'] == pytest.approx(row['ms'][row['choice']], 1e-2)
+    assert row['choice'] != 'onednn' and row['choice_with_onednn'] in (row['choice'], 'onednn')
   path = tmp_path / 'table.json'
   args = argparse.Namespace(
     models='cifar_resnet20', batch=2, dtype='float32', windows=1, reps=1, margin=0.05
@@ -452,6 +454,9 @@ def test_conv_lowerings_measures_and_writes_a_table(tmp_path):
   conv_lowerings.write_table(str(path), rows, args)
   table = json.loads(path.read_text())
   assert table['choices'] == {rows[0]['conv']: {r['direction']: r['choice'] for r in rows}}
+  if 'onednn' in rows[0]['ms']:
+    want = {r['direction']: r['choice_with_onednn'] for r in rows}
+    assert table['choices_with_onednn'] == {rows[0]['conv']: want}
 
 
 def test_cpu_vs_torch_without_torch_says_how_to_get_it():

@@ -1,8 +1,8 @@
-"""resnet_jax.models.ops.conv_lowering: every formulation of every direction computes
-XLA's convolution within float32 rounding, the model's conv_impl switch changes nothing
-but speed, and `auto` reads its table only on CPUs."""
+"""resnet_jax.models.ops.conv_lowering: every formulation of every direction (oneDNN's
+included) computes XLA's convolution within float32 rounding, the model's conv_impl switch
+changes nothing but speed, and `auto` reads its table only on CPUs."""
 
-import itertools
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,9 @@ import pytest
 from jax import lax
 
 from resnet_jax import models
+from resnet_jax.errors import UserError
 from resnet_jax.models.ops import conv_lowering as cl
+from resnet_jax.models.ops import onednn
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 EPS = float(jnp.finfo(jnp.float32).eps)
@@ -32,7 +34,19 @@ SHAPES = {
   'proj_1x1_s2': ((2, 7, 7, 6), (1, 1, 6, 8), (2, 2), ((0, 0), (0, 0))),
   'proj_1x1_s1': ((2, 9, 9, 3), (1, 1, 3, 4), (1, 1), ((0, 0), (0, 0))),
 }
-LOWERINGS = [cl.Lowering(*c) for c in itertools.product(cl.FORWARD, cl.INPUT_GRAD, cl.WEIGHT_GRAD)]
+# The directions are computed independently, so each formulation of each is tested beside
+# XLA's for the other two.
+LOWERINGS = [
+  cl.XLA._replace(**{direction: name})
+  for direction, options in (
+    ('forward', cl.FORWARD),
+    ('input_grad', cl.INPUT_GRAD),
+    ('weight_grad', cl.WEIGHT_GRAD),
+  )
+  for name in options
+  if name != 'xla'
+]
+X86_LINUX = platform.system() == 'Linux' and platform.machine() == 'x86_64'
 
 
 def _xla(x, w, strides, padding):
@@ -62,6 +76,8 @@ def test_every_lowering_equals_xla_within_rounding(shape):
   dy = jax.random.normal(kd, (xs[0], *g.out_hw, ws[3]))
   want, bounds = _with_bounds(x, w, dy, strides, padding)
   for lowering in LOWERINGS:
+    if 'onednn' in lowering and not onednn.available():
+      continue  # test_onednn_loads_where_it_is_a_dependency fails where it should load
     y, vjp = jax.vjp(lambda x, w, lowering=lowering: cl.lowered_conv(x, w, g, lowering), x, w)
     for name, got, ref, bound in zip(('y', 'dx', 'dw'), (y, *vjp(dy)), want, bounds, strict=True):
       assert got.shape == ref.shape and got.dtype == ref.dtype
@@ -76,10 +92,14 @@ def test_dead_taps_are_dropped():
   assert len(cl.Geometry((1, 8, 8, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))).taps()) == 9
 
 
+def _table(monkeypatch, choices, with_onednn=None, cpu=None):
+  table = cl.Table(choices, with_onednn or {}, cpu or cl.cpu_model())
+  monkeypatch.setattr(cl, 'measured_table', lambda: table)
+
+
 def test_auto_reads_the_table_on_cpu_only(monkeypatch):
   g = cl.Geometry((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)))
-  table = {g.key(jnp.float32): {'forward': 'gemm', 'input_grad': 'gemm'}}
-  monkeypatch.setattr(cl, 'measured_table', lambda: (table, cl.cpu_model()))
+  _table(monkeypatch, {g.key(jnp.float32): {'forward': 'gemm', 'input_grad': 'gemm'}})
   assert cl.choose(g, jnp.float32, 'auto') == cl.Lowering('gemm', 'gemm', 'xla')
   unmeasured = g._replace(x_shape=(128, 3, 3, 512))
   assert cl.choose(unmeasured, jnp.float32, 'auto') == cl.XLA
@@ -95,19 +115,94 @@ def test_on_another_cpu_auto_keeps_only_the_dead_tap_choices(monkeypatch):
   assert centre.has_dead_taps() and not full.has_dead_taps()
   taps = {'forward': 'taps', 'input_grad': 'taps', 'weight_grad': 'taps'}
   table = {g.key(jnp.float32): taps for g in (centre, full)}
-  monkeypatch.setattr(cl, 'measured_table', lambda: (table, 'Some Other CPU @ 2.0GHz'))
-  assert cl.choose(centre, jnp.float32, 'auto') == cl.Lowering('taps', 'taps', 'taps')
-  assert cl.choose(full, jnp.float32, 'auto') == cl.XLA
+  _table(monkeypatch, table, table, cpu='Some Other CPU @ 2.0GHz')
+  monkeypatch.setattr(onednn, 'available', lambda: False)
+  onednn.supports.cache_clear()
+  try:
+    assert cl.choose(centre, jnp.float32, 'auto') == cl.Lowering('taps', 'taps', 'taps')
+    assert cl.choose(full, jnp.float32, 'auto') == cl.XLA
+  finally:
+    onednn.supports.cache_clear()
+
+
+def test_onednn_loads_where_it_is_a_dependency():
+  if not X86_LINUX:
+    pytest.skip('onednn-cpu-gomp is installed on x86-64 Linux only')
+  assert onednn.available(), 'pip install onednn-cpu-gomp (a dependency here) did not load'
+  g = onednn.Shape((4, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)))
+  assert onednn.supports(g) and set(onednn.implementations(g)) == set(onednn.DIRECTIONS)
+
+
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+def test_auto_takes_onednn_on_one_device_and_the_table_where_it_measured(monkeypatch):
+  full = cl.Geometry((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
+  centre = cl.Geometry((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)))
+  taps = cl.Lowering('taps', 'taps', 'taps')
+  measured = cl.Lowering('onednn', 'gemm', 'onednn')
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  # Another CPU: oneDNN for a shape without dead taps, the table for one with them.
+  _table(monkeypatch, {centre.key(jnp.float32): taps._asdict()}, cpu='Some Other CPU')
+  assert cl.choose(full, jnp.float32, 'auto') == cl.ONEDNN
+  assert cl.choose(centre, jnp.float32, 'auto') == taps
+  assert cl.choose(full, jnp.bfloat16, 'auto') == cl.XLA  # oneDNN runs float32 only here
+  # The measuring CPU: the table's choice with oneDNN as a candidate.
+  _table(
+    monkeypatch,
+    {full.key(jnp.float32): taps._asdict()},
+    {full.key(jnp.float32): measured._asdict()},
+  )
+  assert cl.choose(full, jnp.float32, 'auto') == measured
+  # Several devices: no host-side kernels, the table's choice among XLA's formulations.
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)
+  assert cl.choose(full, jnp.float32, 'auto') == taps
+  assert cl.choose(full, jnp.float32, 'onednn') == cl.ONEDNN  # asked for: runs anyway
+
+
+def test_conv_impl_onednn_without_the_library_says_how_to_get_it(monkeypatch):
+  monkeypatch.setattr(onednn, 'available', lambda: False)
+  g = cl.Geometry((2, 8, 8, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1)))
+  with pytest.raises(UserError, match='pip install onednn-cpu-gomp'):
+    cl.choose(g, jnp.float32, 'onednn')
+
+
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+def test_onednn_failure_is_an_error_not_a_silent_result(monkeypatch):
+  g = cl.Geometry((3, 6, 6, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1)))
+
+  def fail(self, *args):
+    raise onednn.OneDnnError('injected')
+
+  monkeypatch.setattr(onednn._Convolution, 'run', fail)
+  x, w = jnp.ones(g.x_shape), jnp.ones(g.w_shape)
+  with pytest.raises(Exception, match='injected'):
+    jax.block_until_ready(jax.jit(lambda x, w: cl.lowered_conv(x, w, g, cl.ONEDNN))(x, w))
+
+
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+def test_onednn_under_vmap_equals_each_member():
+  g = cl.Geometry((2, 5, 5, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1)))
+  xs = jax.random.normal(jax.random.key(0), (3, *g.x_shape))
+  ws = jax.random.normal(jax.random.key(1), (3, *g.w_shape))
+  loss = lambda x, w: jnp.sum(cl.lowered_conv(x, w, g, cl.ONEDNN) ** 2)
+  got = jax.jit(jax.vmap(jax.grad(loss, (0, 1))))(xs, ws)
+  for i in range(3):
+    want = jax.grad(loss, (0, 1))(xs[i], ws[i])
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_array_equal(a[i], b)
 
 
 def test_committed_table_names_known_lowerings():
-  table, cpu = cl.measured_table()
-  assert cpu, f'{cl.TABLE_FILE} does not say which CPU it was measured on'
-  assert table, f'{cl.TABLE_FILE} is missing: run python -m benchmarks.conv_lowerings --write'
+  table = cl.measured_table()
+  assert table.cpu, f'{cl.TABLE_FILE} does not say which CPU it was measured on'
+  assert table.choices, (
+    f'{cl.TABLE_FILE} is missing: run python -m benchmarks.conv_lowerings --write'
+  )
   options = {'forward': cl.FORWARD, 'input_grad': cl.INPUT_GRAD, 'weight_grad': cl.WEIGHT_GRAD}
-  for key, choice in table.items():
-    for direction, name in choice.items():
-      assert name in options[direction], (key, direction, name)
+  for section in (table.choices, table.with_onednn):
+    for key, choice in section.items():
+      for direction, name in choice.items():
+        assert name in options[direction], (key, direction, name)
+  assert all('onednn' not in c.values() for c in table.choices.values())
 
 
 def _sgd_steps(conv_impl: str, steps: int = 3):
@@ -142,8 +237,10 @@ def _sgd_steps(conv_impl: str, steps: int = 3):
   return np.array(losses), params
 
 
-@pytest.mark.parametrize('impl', ['auto', 'gemm', 'taps'])
+@pytest.mark.parametrize('impl', ['auto', 'gemm', 'taps', 'onednn'])
 def test_sgd_steps_equal_with_each_impl(impl):
+  if impl == 'onednn' and not onednn.available():
+    pytest.skip('oneDNN does not load here')
   want_losses, want = _sgd_steps('xla')
   losses, got = _sgd_steps(impl)
   # The convolutions agree to float32 rounding (above); BN's gradients are cancelling sums

@@ -15,19 +15,23 @@ small maps (openxla/xla 34273). `conv_general_dilated(impl)` returns a drop-in f
   by the stride with interior zeros) with the flipped kernel, its in/out channels swapped.
   (The weight gradient as one convolution, the batch as its feature axis, compiles to the
   same HLO as jax's transpose rule on XLA:CPU, so it is not a separate choice.)
+- `onednn`: oneDNN's convolution kernels (see `onednn`), as steps of the compiled program,
+  where the library loads; float32 only.
 
 A tap is live when some output reads an input pixel through it, not only padding: a 3x3
 convolution on a 1x1 map is its centre tap, one matrix product.
 
 `auto` takes each direction's lowering from the table that benchmarks/conv_lowerings.py
-measured (`cpu_conv_table.json`), keyed by the convolution's shape without the batch. The
-timings behind it belong to the CPU they were taken on (XLA's convolution and the matrix
-products rank differently on another vendor's cores), so on any other CPU model `auto`
-keeps only the choices for shapes with dead taps (fewer multiply-adds than XLA's conv,
-whatever the CPU) and uses XLA's convolution elsewhere; measure such a CPU with the
-benchmark's --write to extend the table. A shape it has not measured, any non-CPU
-backend, and anything but a plain convolution (dilation, groups, other layouts) use XLA's
-convolution unchanged.
+measured (`cpu_conv_table.json`), keyed by the convolution's shape without the batch: its
+choice with oneDNN as a candidate where oneDNN loads and the program has one device, its
+choice among XLA's formulations otherwise. The timings behind it belong to the CPU they
+were taken on (XLA's convolution and the matrix products rank differently on another
+vendor's cores), so on any other CPU model, and for shapes the table lacks, `auto` uses
+oneDNN for every shape without dead taps where it can, keeps the table's choices for
+shapes with dead taps (fewer multiply-adds than any convolution, whatever the CPU), and
+uses XLA's convolution elsewhere; measure such a CPU with the benchmark's --write. Any
+non-CPU backend, and anything but a plain convolution (dilation, groups, other layouts),
+use XLA's convolution unchanged.
 """
 
 import functools
@@ -41,7 +45,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('auto', 'xla', 'gemm', 'taps')  # the model's conv_impl choices
+from resnet_jax.errors import UserError
+from resnet_jax.models.ops import onednn
+
+IMPLS = ('auto', 'xla', 'gemm', 'taps', 'onednn')  # the model's conv_impl choices
 TABLE_FILE = pathlib.Path(__file__).with_name('cpu_conv_table.json')
 _NHWC = lax.ConvDimensionNumbers(
   lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
@@ -57,6 +64,7 @@ class Lowering(NamedTuple):
 
 
 XLA = Lowering()
+ONEDNN = Lowering('onednn', 'onednn', 'onednn')
 
 
 class Geometry(NamedTuple):
@@ -212,17 +220,31 @@ def _xla_weight_grad(x: jax.Array, dy: jax.Array, g: Geometry) -> jax.Array:
   return jax.linear_transpose(lambda w: _xla(x, w, g), w)(dy)[0]
 
 
-FORWARD = {'xla': _xla, 'gemm': _forward_gemm, 'taps': _forward_taps}
+def _forward_onednn(x: jax.Array, w: jax.Array, g: Geometry) -> jax.Array:
+  return onednn.call('forward', onednn.Shape(*g), x, w)
+
+
+def _input_grad_onednn(dy: jax.Array, w: jax.Array, g: Geometry) -> jax.Array:
+  return onednn.call('input_grad', onednn.Shape(*g), dy, w)
+
+
+def _weight_grad_onednn(x: jax.Array, dy: jax.Array, g: Geometry) -> jax.Array:
+  return onednn.call('weight_grad', onednn.Shape(*g), x, dy)
+
+
+FORWARD = {'xla': _xla, 'gemm': _forward_gemm, 'taps': _forward_taps, 'onednn': _forward_onednn}
 INPUT_GRAD = {
   'xla': _xla_input_grad,
   'gemm': _input_grad_gemm,
   'taps': _input_grad_taps,
   'conv': _input_grad_conv,
+  'onednn': _input_grad_onednn,
 }
 WEIGHT_GRAD = {
   'xla': _xla_weight_grad,
   'gemm': _weight_grad_gemm,
   'taps': _weight_grad_taps,
+  'onednn': _weight_grad_onednn,
 }
 
 
@@ -271,23 +293,61 @@ def choose(g: Geometry, dtype: Any, impl: str) -> Lowering:
   if impl == 'xla':
     return XLA
   if impl == 'auto':
-    if jax.default_backend() != 'cpu':
-      return XLA
-    choices, measured_cpu = measured_table()
-    if measured_cpu != cpu_model() and not g.has_dead_taps():
-      return XLA
-    return Lowering(**choices.get(g.key(dtype), {}))
+    return XLA if jax.default_backend() != 'cpu' else _auto(g, dtype)
+  if impl == 'onednn':
+    if not onednn.available():
+      raise UserError(
+        'conv_impl=onednn needs oneDNN, which did not load: pip install onednn-cpu-gomp '
+        '(x86-64 Linux, with libgomp), or use conv_impl=auto'
+      )
+    return ONEDNN if onednn_takes(g, dtype) else XLA
   return Lowering(impl, impl, impl)
 
 
+def _auto(g: Geometry, dtype: Any) -> Lowering:
+  """`auto` on a CPU. The table's timings hold on the CPU model that measured them; on
+  another, oneDNN (which picks its kernels per instruction set) takes every shape without
+  dead taps, the table's dead-tap choices (fewer multiply-adds whatever the CPU) stay, and
+  XLA's convolution does the rest."""
+  table = measured_table()
+  # A host-side kernel in a program sharded over several devices would run on one of
+  # them for the whole batch: oneDNN only where the program has one device.
+  use_onednn = jax.device_count() == 1 and onednn_takes(g, dtype)
+  key = g.key(dtype)
+  if table.cpu == cpu_model():
+    choices = table.with_onednn if use_onednn else table.choices
+    if key in choices:
+      return Lowering(**choices[key])
+  if use_onednn and not g.has_dead_taps():
+    return ONEDNN
+  if g.has_dead_taps():
+    return Lowering(**table.choices.get(key, {}))
+  return XLA
+
+
+def onednn_takes(g: Geometry, dtype: Any) -> bool:
+  """Whether oneDNN computes this convolution here: float32, its library loads, and it
+  creates the shape's three primitives."""
+  return jnp.dtype(dtype) == jnp.float32 and onednn.supports(onednn.Shape(*g))
+
+
+class Table(NamedTuple):
+  """The committed per-shape choices ({key: {forward, input_grad, weight_grad}}) among
+  XLA's formulations, the same with oneDNN as a candidate, and the CPU model they were
+  measured on."""
+
+  choices: dict[str, dict[str, str]]
+  with_onednn: dict[str, dict[str, str]]
+  cpu: str | None
+
+
 @functools.cache
-def measured_table() -> tuple[dict[str, dict[str, str]], str | None]:
-  """The committed per-shape choices ({key: {forward, input_grad, weight_grad}}) and the
-  CPU model they were measured on."""
+def measured_table() -> Table:
+  """The table benchmarks/conv_lowerings.py wrote (empty if there is none)."""
   if not TABLE_FILE.exists():
-    return {}, None
+    return Table({}, {}, None)
   table = json.loads(TABLE_FILE.read_text())
-  return table['choices'], table['measured'].get('cpu')
+  return Table(table['choices'], table.get('choices_with_onednn', {}), table['measured'].get('cpu'))
 
 
 @functools.cache
