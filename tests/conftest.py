@@ -15,6 +15,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _SESSION_XLA_CACHE = tempfile.mkdtemp(prefix='resnet_jax_test_xla_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_XLA_CACHE
 
+# As the training command does, before anything starts a thread: XLA's per-step buffers
+# reuse freed memory instead of faulting in new pages (resnet_jax.host_memory).
+from resnet_jax import host_memory  # noqa: E402
+
+host_memory.reuse_freed_memory()
+
 import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
