@@ -5,7 +5,8 @@ it, parameters and optimizer state are replicated. Kept in one place so the data
 pipeline, the train step and checkpoint restore agree on the layout.
 """
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +22,19 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D data-parallel mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn`, traced with `mesh` as the context mesh (`jax.sharding.get_abstract_mesh()`):
+  ops that run on each device's rows of the batch (oneDNN's convolutions on CPUs) split
+  it by the mesh. Wrap a step's body before `jax.jit`."""
+
+  @functools.wraps(fn)
+  def on_mesh(*args: Any, **kwargs: Any) -> Any:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return on_mesh
 
 
 def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:

@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax import lax
 
-from resnet_jax import models
+from resnet_jax import models, sharding
 from resnet_jax.errors import UserError
 from resnet_jax.models.ops import conv_lowering as cl
 from resnet_jax.models.ops import onednn
@@ -152,10 +152,53 @@ def test_auto_takes_onednn_on_one_device_and_the_table_where_it_measured(monkeyp
     {full.key(jnp.float32): measured._asdict()},
   )
   assert cl.choose(full, jnp.float32, 'auto') == measured
-  # Several devices: no host-side kernels, the table's choice among XLA's formulations.
+  # Several devices and no mesh to say how the batch is split: no host-side kernels, the
+  # table's choice among XLA's formulations.
   monkeypatch.setattr(jax, 'device_count', lambda: 8)
   assert cl.choose(full, jnp.float32, 'auto') == taps
   assert cl.choose(full, jnp.float32, 'onednn') == cl.ONEDNN  # asked for: runs anyway
+  # A step traced on a mesh (sharding.traced_on) whose devices are one per process:
+  # oneDNN on each device's rows, where the batch splits evenly over the mesh.
+  mesh = sharding.make_mesh()
+  assert sharding.traced_on(mesh, cl.choose)(full, jnp.float32, 'auto') == taps  # 8 here
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+  assert sharding.traced_on(mesh, cl.choose)(full, jnp.float32, 'auto') == measured
+  odd = full._replace(x_shape=(12, 8, 8, 64))
+  assert sharding.traced_on(mesh, cl.batch_axes)(12) is None
+  assert sharding.traced_on(mesh, cl.choose)(odd, jnp.float32, 'auto') == taps
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 8)
+  one = sharding.make_mesh(jax.devices()[:1])
+  assert sharding.traced_on(one, cl.choose)(full, jnp.float32, 'auto') == measured
+
+
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+def test_onednn_on_a_mesh_runs_each_devices_rows():
+  """Over the session's 8 devices oneDNN sees a local batch of 16 / 8 = 2 rows; the
+  weight gradient is the devices' sum. All three equal XLA's within float32 rounding."""
+  g = cl.Geometry((16, 6, 5, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1)))
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, g.x_shape), jax.random.normal(kw, g.w_shape)
+  dy = jax.random.normal(kd, (16, *g.out_hw, 4))
+  want, bounds = _with_bounds(x, w, dy, g.strides, g.padding)
+  mesh = sharding.make_mesh()
+  assert mesh.devices.size == 8
+  data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+  def conv_and_grads(x, w, dy):
+    y, vjp = jax.vjp(lambda x, w: cl.lowered_conv(x, w, g, cl.ONEDNN), x, w)
+    return (y, *vjp(dy))
+
+  step = jax.jit(
+    sharding.traced_on(mesh, conv_and_grads),
+    in_shardings=(data, repl, data),
+    out_shardings=(data, data, repl),
+  )
+  hlo = step.lower(x, w, dy).as_text()
+  for direction in onednn.DIRECTIONS:
+    assert f'resnet_jax_onednn_{direction}_2x6x5x3_3x3x4_s2x2' in hlo
+  for name, got, ref, bound in zip(('y', 'dx', 'dw'), step(x, w, dy), want, bounds, strict=True):
+    excess = float(jnp.max(jnp.abs(got - ref) / bound))
+    assert excess <= 1.0, f'{name}: error {excess:.2f}x the rounding bound'
 
 
 def test_conv_impl_onednn_without_the_library_says_how_to_get_it(monkeypatch):

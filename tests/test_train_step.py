@@ -3,11 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import cifar10, default
 from resnet_jax import models, sharding
 from resnet_jax.errors import UserError
+from resnet_jax.models.ops import onednn
 from resnet_jax.training import optim
 from resnet_jax.training import step as ts
 
@@ -124,6 +126,25 @@ def test_eight_devices_train_and_evaluate_like_one():
   for k in ('eval_loss', 'eval_top1', 'eval_top5'):
     assert results[8][1][k] == pytest.approx(results[1][1][k], rel=1e-5)
   assert results[8][1]['eval_count'] == results[1][1]['eval_count'] == 16
+
+
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+def test_steps_over_a_mesh_run_onednn_on_each_devices_rows():
+  # The steps are traced on their mesh, so oneDNN's convolutions see each device's 2 of
+  # the 16 rows (test_conv_lowering checks the values). `auto` takes oneDNN over a mesh
+  # where each process drives one device (multi-process runs); here, 8 devices in one
+  # process, only where asked for.
+  model = models.build_model('cifar_resnet20', conv_impl='onednn')
+  mesh = sharding.make_mesh()
+  tx = optax.sgd(0.1)
+  state = ts.create_train_state(model, tx, (32, 32, 3), 0, mesh)
+  batch = sharding.to_global_batch(dict(_batches(1)[0], mask=np.ones(16, np.float32)), mesh)
+  train = ts.make_train_step(model, tx, mesh).lower(state, batch).as_text()
+  for direction in ('forward', 'input_grad', 'weight_grad'):
+    assert f'resnet_jax_onednn_{direction}_2x32x32x16_3x3x16' in train
+  evaluation = ts.make_eval_step(model, mesh).lower(state, batch, ts.empty_totals()).as_text()
+  assert 'resnet_jax_onednn_forward_2x32x32x16_3x3x16' in evaluation
+  assert 'resnet_jax_onednn_weight_grad' not in evaluation
 
 
 def test_eval_ignores_masked_rows():

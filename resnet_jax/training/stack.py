@@ -222,6 +222,7 @@ def make_train_step(
   )
   gates, scales = _gates(stack), _lr_scales(stack)
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh, stacked=True)
+  mapped = sharding.traced_on(mesh, mapped)
   return jax.jit(
     lambda state, batch: mapped(state, batch, gates, scales),
     in_shardings=(repl, data),
@@ -239,6 +240,7 @@ def make_eval_step(
     step, (STATE_AXES, None, 0, 0), 0, len(stack), resolve_method(method, mesh)
   )
   gates = _gates(stack)
+  mapped = sharding.traced_on(mesh, mapped)
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(
     lambda state, batch, totals: mapped(state, batch, totals, gates),

@@ -168,7 +168,9 @@ def make_train_step(
   schedule: optax.Schedule | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """`train_step_fn` jitted over `mesh`: `(state, batch) -> (state, metrics)`, state donated."""
-  step = train_step_fn(model, tx, label_smoothing, skip_nonfinite, schedule)
+  step = sharding.traced_on(
+    mesh, train_step_fn(model, tx, label_smoothing, skip_nonfinite, schedule)
+  )
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(
     lambda state, batch: step(state, batch),
@@ -210,7 +212,7 @@ def eval_step_fn(model: nn.Module) -> Callable[..., Metrics]:
 def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[TrainState, Batch, Metrics], Metrics]:
   """`eval_step_fn` jitted over `mesh`; totals are accumulated on the devices inside the
   step (no separate add per batch) and the host fetches them once at the end."""
-  step = eval_step_fn(model)
+  step = sharding.traced_on(mesh, eval_step_fn(model))
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(
     lambda state, batch, totals: step(state, batch, totals),

@@ -23,19 +23,21 @@ convolution on a 1x1 map is its centre tap, one matrix product.
 
 `auto` takes each direction's lowering from the table that benchmarks/conv_lowerings.py
 measured (`cpu_conv_table.json`), keyed by the convolution's shape without the batch: its
-choice with oneDNN as a candidate where oneDNN loads and the program has one device, its
-choice among XLA's formulations otherwise. The timings behind it belong to the CPU they
-were taken on (XLA's convolution and the matrix products rank differently on another
-vendor's cores), so on any other CPU model, and for shapes the table lacks, `auto` uses
-oneDNN for every shape without dead taps where it can, keeps the table's choices for
-shapes with dead taps (fewer multiply-adds than any convolution, whatever the CPU), and
-uses XLA's convolution elsewhere; measure such a CPU with the benchmark's --write. Any
-non-CPU backend, and anything but a plain convolution (dilation, groups, other layouts),
-use XLA's convolution unchanged.
+choice with oneDNN as a candidate where oneDNN loads and the program's split of the batch
+over devices is known (one device, or a mesh set by `sharding.traced_on`: oneDNN then
+runs on each device's rows), its choice among XLA's formulations otherwise. The timings
+behind it belong to the CPU they were taken on (XLA's convolution and the matrix products
+rank differently on another vendor's cores), so on any other CPU model, and for shapes
+the table lacks, `auto` uses oneDNN for every shape without dead taps where it can, keeps
+the table's choices for shapes with dead taps (fewer multiply-adds than any convolution,
+whatever the CPU), and uses XLA's convolution elsewhere; measure such a CPU with the
+benchmark's --write. Any non-CPU backend, and anything but a plain convolution (dilation,
+groups, other layouts), use XLA's convolution unchanged.
 """
 
 import functools
 import json
+import math
 import pathlib
 import platform
 from collections.abc import Callable, Sequence
@@ -44,6 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax.errors import UserError
 from resnet_jax.models.ops import onednn
@@ -221,15 +224,59 @@ def _xla_weight_grad(x: jax.Array, dy: jax.Array, g: Geometry) -> jax.Array:
 
 
 def _forward_onednn(x: jax.Array, w: jax.Array, g: Geometry) -> jax.Array:
-  return onednn.call('forward', onednn.Shape(*g), x, w)
+  return _onednn('forward', g, x, w)
 
 
 def _input_grad_onednn(dy: jax.Array, w: jax.Array, g: Geometry) -> jax.Array:
-  return onednn.call('input_grad', onednn.Shape(*g), dy, w)
+  return _onednn('input_grad', g, dy, w)
 
 
 def _weight_grad_onednn(x: jax.Array, dy: jax.Array, g: Geometry) -> jax.Array:
-  return onednn.call('weight_grad', onednn.Shape(*g), x, dy)
+  return _onednn('weight_grad', g, x, dy)
+
+
+def _onednn(direction: str, g: Geometry, a: jax.Array, b: jax.Array) -> jax.Array:
+  """oneDNN's `direction` of `g`. oneDNN is a host-side kernel that XLA cannot split over
+  devices, so in a program over a mesh of several devices it runs on each device's rows
+  of the batch (a `shard_map`), and the weight gradient is the devices' sum."""
+  axes = batch_axes(g.x_shape[0])
+  if not axes:
+    return onednn.call(direction, onednn.Shape(*g), a, b)
+  mesh = jax.sharding.get_abstract_mesh()
+  rows = g.x_shape[0] // _mesh_size()
+  local = onednn.Shape((rows, *g.x_shape[1:]), g.w_shape, g.strides, g.padding)
+  if direction == 'weight_grad':  # (x, dy) -> dw
+    specs = (P(axes), P(axes)), P()
+    on_device = lambda x, dy: lax.psum(onednn.call(direction, local, x, dy), axes)
+  else:  # (x, w) -> y, (dy, w) -> dx
+    specs = (P(axes), P()), P(axes)
+    on_device = lambda a, w: onednn.call(direction, local, a, w)
+  return jax.shard_map(on_device, in_specs=specs[0], out_specs=specs[1], mesh=mesh)(a, b)
+
+
+def batch_axes(batch: int) -> tuple[str, ...] | None:
+  """The mesh axes a batch of `batch` rows is split over where this program is traced:
+  () for a program on one device, the axes of the mesh the caller set
+  (`jax.sharding.use_abstract_mesh`; resnet_jax's meshes are data-parallel, so the batch
+  is split over all of them), None where that is unknown (several devices, no mesh set)
+  or the rows do not split evenly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return () if jax.device_count() == 1 else None
+  axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  size = _mesh_size()
+  if size == 1:
+    return ()
+  return axes if batch % size == 0 else None
+
+
+def _mesh_size() -> int:
+  """The devices the batch is split over in the context mesh (its axes not already
+  manual); every device where no mesh is set."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return jax.device_count()
+  return math.prod(mesh.shape[a] for a in mesh.axis_names if a not in mesh.manual_axes)
 
 
 FORWARD = {'xla': _xla, 'gemm': _forward_gemm, 'taps': _forward_taps, 'onednn': _forward_onednn}
@@ -310,9 +357,12 @@ def _auto(g: Geometry, dtype: Any) -> Lowering:
   dead taps, the table's dead-tap choices (fewer multiply-adds whatever the CPU) stay, and
   XLA's convolution does the rest."""
   table = measured_table()
-  # A host-side kernel in a program sharded over several devices would run on one of
-  # them for the whole batch: oneDNN only where the program has one device.
-  use_onednn = jax.device_count() == 1 and onednn_takes(g, dtype)
+  # oneDNN runs each device's rows of the batch: only where this program's split of the
+  # batch over devices is known, and where this process drives one device of it. Each of
+  # several devices in one process would start its own oneDNN thread team on the same
+  # cores (cifar_resnet20 over 8 host devices on 2 cores: 2-5x slower than XLA's).
+  one_per_process = _mesh_size() == 1 or jax.local_device_count() == 1
+  use_onednn = one_per_process and batch_axes(g.x_shape[0]) is not None and onednn_takes(g, dtype)
   key = g.key(dtype)
   if table.cpu == cpu_model():
     choices = table.with_onednn if use_onednn else table.choices
