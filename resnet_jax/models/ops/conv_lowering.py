@@ -242,8 +242,7 @@ def _onednn(direction: str, g: Geometry, a: jax.Array, b: jax.Array) -> jax.Arra
   axes = batch_axes(g.x_shape[0])
   if not axes:
     return onednn.call(direction, onednn.Shape(*g), a, b)
-  mesh = jax.sharding.get_abstract_mesh()
-  rows = g.x_shape[0] // _mesh_size()
+  rows = g.x_shape[0] // _devices(axes)
   local = onednn.Shape((rows, *g.x_shape[1:]), g.w_shape, g.strides, g.padding)
   if direction == 'weight_grad':  # (x, dy) -> dw
     specs = (P(axes), P(axes)), P()
@@ -251,32 +250,27 @@ def _onednn(direction: str, g: Geometry, a: jax.Array, b: jax.Array) -> jax.Arra
   else:  # (x, w) -> y, (dy, w) -> dx
     specs = (P(axes), P()), P(axes)
     on_device = lambda a, w: onednn.call(direction, local, a, w)
+  mesh = jax.sharding.get_abstract_mesh()
   return jax.shard_map(on_device, in_specs=specs[0], out_specs=specs[1], mesh=mesh)(a, b)
 
 
 def batch_axes(batch: int) -> tuple[str, ...] | None:
   """The mesh axes a batch of `batch` rows is split over where this program is traced:
-  () for a program on one device, the axes of the mesh the caller set
-  (`jax.sharding.use_abstract_mesh`; resnet_jax's meshes are data-parallel, so the batch
-  is split over all of them), None where that is unknown (several devices, no mesh set)
-  or the rows do not split evenly."""
+  () for a program on one device, the axes (of more than one device, not already manual)
+  of the mesh the caller set (`jax.sharding.use_abstract_mesh`; resnet_jax's meshes are
+  data-parallel, so the batch is split over all of them), None where that is unknown
+  (several devices, no mesh set) or the rows do not split evenly."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return () if jax.device_count() == 1 else None
-  axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
-  size = _mesh_size()
-  if size == 1:
-    return ()
-  return axes if batch % size == 0 else None
+  axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1)
+  return axes if batch % _devices(axes) == 0 else None
 
 
-def _mesh_size() -> int:
-  """The devices the batch is split over in the context mesh (its axes not already
-  manual); every device where no mesh is set."""
+def _devices(axes: tuple[str, ...]) -> int:
+  """How many devices the context mesh's `axes` span."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return jax.device_count()
-  return math.prod(mesh.shape[a] for a in mesh.axis_names if a not in mesh.manual_axes)
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 FORWARD = {'xla': _xla, 'gemm': _forward_gemm, 'taps': _forward_taps, 'onednn': _forward_onednn}
@@ -361,8 +355,9 @@ def _auto(g: Geometry, dtype: Any) -> Lowering:
   # batch over devices is known, and where this process drives one device of it. Each of
   # several devices in one process would start its own oneDNN thread team on the same
   # cores (cifar_resnet20 over 8 host devices on 2 cores: 2-5x slower than XLA's).
-  one_per_process = _mesh_size() == 1 or jax.local_device_count() == 1
-  use_onednn = one_per_process and batch_axes(g.x_shape[0]) is not None and onednn_takes(g, dtype)
+  axes = batch_axes(g.x_shape[0])
+  one_per_process = axes == () or jax.local_device_count() == 1
+  use_onednn = axes is not None and one_per_process and onednn_takes(g, dtype)
   key = g.key(dtype)
   if table.cpu == cpu_model():
     choices = table.with_onednn if use_onednn else table.choices
