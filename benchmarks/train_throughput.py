@@ -33,7 +33,7 @@ from resnet_jax import models, sharding
 from resnet_jax.data import on_device
 from resnet_jax.errors import UserError
 from resnet_jax.models import summary
-from resnet_jax.models.ops.conv_lowering import cpu_model
+from resnet_jax.models.ops.cpu_info import cpu_model
 from resnet_jax.training import optim
 from resnet_jax.training import step as ts
 

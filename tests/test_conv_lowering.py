@@ -2,22 +2,20 @@
 included) computes XLA's convolution within float32 rounding, the model's conv_impl switch
 changes nothing but speed, and `auto` reads its table only on CPUs."""
 
+import json
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import lax
 
 from resnet_jax import models, sharding
 from resnet_jax.errors import UserError
 from resnet_jax.models.ops import conv_lowering as cl
-from resnet_jax.models.ops import onednn
-
-NHWC = ('NHWC', 'HWIO', 'NHWC')
-EPS = float(jnp.finfo(jnp.float32).eps)
+from resnet_jax.models.ops import onednn, onednn_check
 
 # (input NHWC, kernel HWIO, strides, padding): strides 1 and 2, the 7x7/2 stem, 1x1
 # projections, odd and non-square maps, 1 and 3 input channels, batch 1, maps where taps
@@ -49,24 +47,6 @@ LOWERINGS = [
 X86_LINUX = platform.system() == 'Linux' and platform.machine() == 'x86_64'
 
 
-def _xla(x, w, strides, padding):
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
-
-
-def _with_bounds(x, w, dy, strides, padding):
-  """XLA's y, dx, dw and their float32 rounding bounds: 2 K eps times the same sums over
-  absolute values (K terms per sum), the standard bound for a sum of K products."""
-  conv = lambda x, w: _xla(x, w, strides, padding)
-  y, vjp = jax.vjp(conv, x, w)
-  abs_y, abs_vjp = jax.vjp(conv, jnp.abs(x), jnp.abs(w))
-  terms = (w.shape[0] * w.shape[1] * w.shape[2], w.shape[0] * w.shape[1] * w.shape[3])
-  terms += (x.shape[0] * y.shape[1] * y.shape[2],)
-  bounds = [
-    2 * k * EPS * a + 1e-30 for k, a in zip(terms, (abs_y, *abs_vjp(jnp.abs(dy))), strict=True)
-  ]
-  return (y, *vjp(dy)), bounds
-
-
 @pytest.mark.parametrize('shape', SHAPES, ids=str)
 def test_every_lowering_equals_xla_within_rounding(shape):
   xs, ws, strides, padding = SHAPES[shape]
@@ -74,7 +54,7 @@ def test_every_lowering_equals_xla_within_rounding(shape):
   x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
   g = cl.Geometry(xs, ws, strides, padding)
   dy = jax.random.normal(kd, (xs[0], *g.out_hw, ws[3]))
-  want, bounds = _with_bounds(x, w, dy, strides, padding)
+  want, bounds = onednn_check.rounding_bounds(x, w, dy, strides, padding)
   for lowering in LOWERINGS:
     if 'onednn' in lowering and not onednn.available():
       continue  # test_onednn_loads_where_it_is_a_dependency fails where it should load
@@ -134,6 +114,64 @@ def test_onednn_loads_where_it_is_a_dependency():
 
 
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+@pytest.mark.parametrize('shape', onednn_check.SHAPES, ids=lambda s: 'x'.join(map(str, s.x_shape)))
+def test_onednn_created_on_one_thread_runs_on_another(shape):
+  """XLA runs each FFI step on a worker thread, not the thread that traced the program and
+  created the primitives. Where oneDNN kept a primitive's scratchpad per thread, the
+  gemm-based kernels it picks for 3x3 convolutions on 1x1 and 2x2 maps on AVX2 and SSE4.1
+  (ONEDNN_MAX_CPU_ISA; tests/run.py runs this file under both) crashed the process there."""
+  onednn_check.compare(shape)  # raises where a direction is off XLA's by more than rounding
+
+
+def test_onednn_passes_its_check_here(monkeypatch, tmp_path):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  onednn_check.trusted.cache_clear()
+  try:
+    assert onednn_check.trusted() == onednn.available()
+  finally:
+    onednn_check.trusted.cache_clear()
+  if onednn.available():  # the verdict is cached for this CPU, release and ISA
+    (verdict,) = (tmp_path / 'resnet_jax').iterdir()
+    assert json.loads(verdict.read_text()) == {**onednn_check._key(), 'ok': True, 'why': ''}
+
+
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+def test_a_crashing_check_means_xla_with_one_warning_line(monkeypatch, tmp_path, caplog):
+  """A oneDNN that takes its process down (here: a child that segfaults) costs a warning
+  and XLA's lowerings, once: the verdict is cached and the check does not run again."""
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  crash = [sys.executable, '-c', 'import os, signal; os.kill(os.getpid(), signal.SIGSEGV)']
+  monkeypatch.setattr(onednn_check, '_child_command', lambda: crash)
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  full = cl.Geometry((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
+  _table(monkeypatch, {}, cpu='Some Other CPU')
+  onednn_check.trusted.cache_clear()
+  try:
+    with caplog.at_level('WARNING'):
+      assert cl.choose(full, jnp.float32, 'auto') == cl.XLA
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert 'oneDNN failed its check on this CPU (the check exited with signal SIGSEGV)' in warning
+    assert '\n' not in warning
+    monkeypatch.setattr(onednn_check, '_child_command', lambda: pytest.fail('checked again'))
+    onednn_check.trusted.cache_clear()
+    assert not onednn_check.trusted()  # from the cached verdict
+    assert cl.choose(full, jnp.float32, 'onednn') == cl.ONEDNN  # asked for: runs anyway
+  finally:
+    onednn_check.trusted.cache_clear()
+
+
+def test_onednn_of_another_release_is_not_used(monkeypatch):
+  """The constants and signatures are oneDNN 3.x's: a library of another major release
+  (a system libdnnl found by name, say) is not loaded."""
+  if not X86_LINUX:
+    pytest.skip('onednn-cpu-gomp is installed on x86-64 Linux only')
+  path = onednn._library_paths()[0]
+  assert onednn._load(path) is not None and onednn.version().startswith('3.')
+  monkeypatch.setattr(onednn, 'SUPPORTED', ((4, 0), (5, 0)))
+  assert onednn._load(path) is None
+
+
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 def test_auto_takes_onednn_on_one_device_and_the_table_where_it_measured(monkeypatch):
   full = cl.Geometry((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
   centre = cl.Geometry((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)))
@@ -179,7 +217,7 @@ def test_onednn_on_a_mesh_runs_each_devices_rows():
   kx, kw, kd = jax.random.split(jax.random.key(0), 3)
   x, w = jax.random.normal(kx, g.x_shape), jax.random.normal(kw, g.w_shape)
   dy = jax.random.normal(kd, (16, *g.out_hw, 4))
-  want, bounds = _with_bounds(x, w, dy, g.strides, g.padding)
+  want, bounds = onednn_check.rounding_bounds(x, w, dy, g.strides, g.padding)
   mesh = sharding.make_mesh()
   assert mesh.devices.size == 8
   data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)

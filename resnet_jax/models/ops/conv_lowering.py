@@ -39,7 +39,6 @@ import functools
 import json
 import math
 import pathlib
-import platform
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -49,7 +48,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax.errors import UserError
-from resnet_jax.models.ops import onednn
+from resnet_jax.models.ops import onednn, onednn_check
+from resnet_jax.models.ops.cpu_info import cpu_model
 
 IMPLS = ('auto', 'xla', 'gemm', 'taps', 'onednn')  # the model's conv_impl choices
 TABLE_FILE = pathlib.Path(__file__).with_name('cpu_conv_table.json')
@@ -357,7 +357,9 @@ def _auto(g: Geometry, dtype: Any) -> Lowering:
   # cores (cifar_resnet20 over 8 host devices on 2 cores: 2-5x slower than XLA's).
   axes = batch_axes(g.x_shape[0])
   one_per_process = axes == () or jax.local_device_count() == 1
-  use_onednn = axes is not None and one_per_process and onednn_takes(g, dtype)
+  use_onednn = (
+    axes is not None and one_per_process and onednn_takes(g, dtype) and onednn_check.trusted()
+  )
   key = g.key(dtype)
   if table.cpu == cpu_model():
     choices = table.with_onednn if use_onednn else table.choices
@@ -393,19 +395,6 @@ def measured_table() -> Table:
     return Table({}, {}, None)
   table = json.loads(TABLE_FILE.read_text())
   return Table(table['choices'], table.get('choices_with_onednn', {}), table['measured'].get('cpu'))
-
-
-@functools.cache
-def cpu_model() -> str:
-  """This machine's CPU model name (Linux: /proc/cpuinfo), as the table records it."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 @functools.cache

@@ -41,9 +41,11 @@ _CPU_ENGINE, _IN_ORDER_STREAM = 1, 1
 _F32, _FORMAT_ANY = 3, 1
 _FORWARD_TRAINING, _CONVOLUTION_DIRECT = 64, 1
 _QUERY_IMPL_INFO, _QUERY_EXEC_ARG_MD = 8, 255
-_SRC, _DST, _WEIGHTS = 1, 17, 33
+_SRC, _DST, _WEIGHTS, _SCRATCHPAD = 1, 17, 33, 80
 _DIFF_SRC, _DIFF_DST, _DIFF_WEIGHTS = 129, 145, 161
 
+_USER_SCRATCHPAD = 1  # dnnl_scratchpad_mode_user
+_ALIGNMENT = 64  # bytes, of the scratchpad (a cache line, what oneDNN's own allocator gives)
 _Dims = ctypes.c_int64 * 12  # dnnl_dims_t
 _Handle = ctypes.c_void_p
 DISABLE_ENV = 'RESNET_JAX_ONEDNN'  # set to 0 to keep oneDNN out of conv_impl=auto
@@ -89,19 +91,58 @@ def _library_paths() -> list[str]:
   return sorted(paths, key=len) + ([found] if found else [])
 
 
+class _Version(ctypes.Structure):  # dnnl_version_t
+  _fields_ = (
+    ('major', ctypes.c_int),
+    ('minor', ctypes.c_int),
+    ('patch', ctypes.c_int),
+    ('hash', ctypes.c_char_p),
+    ('cpu_runtime', ctypes.c_uint),
+    ('gpu_runtime', ctypes.c_uint),
+  )
+
+
+# The oneDNN releases whose C API the constants, signatures and structs here follow:
+# v3.x (the onednn-cpu-gomp 2023.x wheels). Any other library is not used.
+SUPPORTED = ((3, 0), (4, 0))  # [from, to)
+
+
+def _load(path: str) -> ctypes.CDLL | None:
+  """The library at `path`, if it loads and is a supported release."""
+  try:
+    lib = ctypes.CDLL(path)
+  except OSError:
+    return None
+  lib.dnnl_version.restype = ctypes.POINTER(_Version)
+  release = lib.dnnl_version().contents
+  if not SUPPORTED[0] <= (release.major, release.minor) < SUPPORTED[1]:
+    return None
+  lib.dnnl_primitive_desc_query_md.restype = _Handle
+  lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+  return lib
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
   if os.environ.get(DISABLE_ENV, '1') == '0':
     return None
-  for path in _library_paths():
-    try:
-      lib = ctypes.CDLL(path)
-    except OSError:
-      continue
-    lib.dnnl_primitive_desc_query_md.restype = _Handle
-    lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
-    return lib
-  return None
+  return next(filter(None, map(_load, _library_paths())), None)
+
+
+def effective_isa() -> str | None:
+  """The instruction set oneDNN's kernels use here (its dnnl_cpu_isa_t value, in hex):
+  the CPU's, or less under ONEDNN_MAX_CPU_ISA."""
+  lib = _library()
+  return None if lib is None else hex(lib.dnnl_get_effective_cpu_isa())
+
+
+def version() -> str | None:
+  """The loaded oneDNN's release (e.g. '3.2.0'), None where it does not load."""
+  lib = _library()
+  if lib is None:
+    return None
+  release = lib.dnnl_version().contents
+  return f'{release.major}.{release.minor}.{release.patch}'
 
 
 def available() -> bool:
@@ -118,19 +159,38 @@ class _ExecArg(ctypes.Structure):
   _fields_ = (('arg', ctypes.c_int), ('memory', _Handle))
 
 
+class _Primitive(NamedTuple):
+  handle: _Handle
+  scratchpad: _Handle | None  # memory object of its scratchpad; None where it needs none
+  scratchpad_bytes: int
+
+
 class _Runtime:
-  """The CPU engine and one in-order stream, for the process."""
+  """The CPU engine, one in-order stream and one scratchpad, for the process.
+
+  Every primitive is created with a user-managed scratchpad. In oneDNN's default mode
+  (`library`) a primitive keeps its scratchpad per thread and may run only on the thread
+  that created it; ours are created while jax traces (a Python thread) and run on XLA's
+  worker threads, and the kernels that use a scratchpad (the gemm-based ones oneDNN
+  picks on AVX2 and SSE4.1 CPUs) crashed there. One buffer serves every primitive, since
+  `lock` serializes their runs.
+  """
 
   def __init__(self, lib: ctypes.CDLL):
     self.lib = lib
-    self.engine, self.stream = _Handle(), _Handle()
+    self.engine, self.stream, self.attr = _Handle(), _Handle(), _Handle()
     _check(
       lib.dnnl_engine_create(ctypes.byref(self.engine), _CPU_ENGINE, ctypes.c_size_t(0)), 'engine'
     )
     _check(
       lib.dnnl_stream_create(ctypes.byref(self.stream), self.engine, _IN_ORDER_STREAM), 'stream'
     )
+    _check(lib.dnnl_primitive_attr_create(ctypes.byref(self.attr)), 'attributes')
+    _check(
+      lib.dnnl_primitive_attr_set_scratchpad_mode(self.attr, _USER_SCRATCHPAD), 'scratchpad mode'
+    )
     self.lock = threading.Lock()
+    self._scratchpad = np.empty(0, np.uint8)
 
   def strided(self, dims: Sequence[int], strides: Sequence[int]) -> _Handle:
     md = _Handle()
@@ -152,33 +212,51 @@ class _Runtime:
     )
     return md
 
-  def primitive(self, pd: _Handle) -> _Handle:
+  def arg_md(self, pd: _Handle, arg: int) -> _Handle:
+    """The memory descriptor of execution argument `arg` of primitive descriptor `pd`."""
+    return _Handle(self.lib.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, arg))
+
+  def primitive(self, pd: _Handle) -> _Primitive:
     prim = _Handle()
     _check(self.lib.dnnl_primitive_create(ctypes.byref(prim), pd), 'primitive')
-    return prim
+    md = self.arg_md(pd, _SCRATCHPAD)
+    size = self.lib.dnnl_memory_desc_get_size(md) if md else 0
+    return _Primitive(prim, self.memory(md) if size else None, size)
 
   def memory(self, md: _Handle) -> _Handle:
     mem = _Handle()
     _check(self.lib.dnnl_memory_create(ctypes.byref(mem), md, self.engine, None), 'memory')
     return mem
 
-  def reorder(self, src: _Handle, dst: _Handle) -> _Handle:
+  def reorder(self, src: _Handle, dst: _Handle) -> _Primitive:
     pd = _Handle()
     _check(
       self.lib.dnnl_reorder_primitive_desc_create(
-        ctypes.byref(pd), src, self.engine, dst, self.engine, None
+        ctypes.byref(pd), src, self.engine, dst, self.engine, self.attr
       ),
       'reorder',
     )
     return self.primitive(pd)
 
-  def execute(self, prim: _Handle, args: Sequence[tuple[int, _Handle, int]]) -> None:
-    """Runs `prim` on (argument kind, memory object, data address) triples."""
+  def execute(self, prim: _Primitive, args: Sequence[tuple[int, _Handle, int]]) -> None:
+    """Runs `prim` on (argument kind, memory object, data address) triples. The caller
+    holds `lock`: the scratchpad is shared."""
+    if prim.scratchpad is not None:
+      scratchpad = self._scratchpad_address(prim.scratchpad_bytes)
+      args = [*args, (_SCRATCHPAD, prim.scratchpad, scratchpad)]
     for _, mem, address in args:
       _check(self.lib.dnnl_memory_set_data_handle(mem, _Handle(address)), 'data handle')
     packed = (_ExecArg * len(args))(*(_ExecArg(kind, mem) for kind, mem, _ in args))
-    _check(self.lib.dnnl_primitive_execute(prim, self.stream, len(args), packed), 'execute')
+    _check(self.lib.dnnl_primitive_execute(prim.handle, self.stream, len(args), packed), 'execute')
     _check(self.lib.dnnl_stream_wait(self.stream), 'stream wait')
+
+  def _scratchpad_address(self, size: int) -> int:
+    """A 64-byte-aligned address of at least `size` bytes of the shared scratchpad, grown
+    to the largest size asked for (under `lock`, so no run is using it meanwhile)."""
+    if self._scratchpad.size < size + _ALIGNMENT:
+      self._scratchpad = np.empty(size + _ALIGNMENT, np.uint8)
+    address = self._scratchpad.ctypes.data
+    return address + (-address) % _ALIGNMENT
 
 
 @functools.cache
@@ -190,10 +268,10 @@ def _runtime() -> _Runtime:
 
 
 class _Direction(NamedTuple):
-  primitive: _Handle
+  primitive: _Primitive
   kernel: _Handle  # memory object of the kernel (or its gradient) in the primitive's layout
   blocked: np.ndarray  # that kernel's storage
-  reorder: _Handle  # user HWIO -> blocked (forward, input gradient) or back (weight gradient)
+  reorder: _Primitive  # user HWIO -> blocked (forward, input gradient) or back (weight gradient)
 
 
 class _Convolution:
@@ -219,21 +297,21 @@ class _Convolution:
     _check(
       lib.dnnl_convolution_forward_primitive_desc_create(
         ctypes.byref(fwd), rt.engine, _FORWARD_TRAINING, _CONVOLUTION_DIRECT,
-        x_md, w_any, None, y_md, *geometry, None,
+        x_md, w_any, None, y_md, *geometry, rt.attr,
       ),
       'forward convolution',
     )  # fmt: skip
     _check(
       lib.dnnl_convolution_backward_data_primitive_desc_create(
         ctypes.byref(bwd_data), rt.engine, _CONVOLUTION_DIRECT,
-        x_md, w_any, y_md, *geometry, fwd, None,
+        x_md, w_any, y_md, *geometry, fwd, rt.attr,
       ),
       'input-gradient convolution',
     )  # fmt: skip
     _check(
       lib.dnnl_convolution_backward_weights_primitive_desc_create(
         ctypes.byref(bwd_weights), rt.engine, _CONVOLUTION_DIRECT,
-        x_md, w_any, None, y_md, *geometry, fwd, None,
+        x_md, w_any, None, y_md, *geometry, fwd, rt.attr,
       ),
       'weight-gradient convolution',
     )  # fmt: skip
@@ -247,15 +325,19 @@ class _Convolution:
 
   def _direction(self, pd: _Handle, kernel_arg: int, into_primitive: bool) -> _Direction:
     rt = self.rt
-    md = _Handle(rt.lib.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, kernel_arg))
+    md = rt.arg_md(pd, kernel_arg)
     blocked = np.empty(rt.lib.dnnl_memory_desc_get_size(md) // 4, np.float32)
     src, dst = (self.w_user, md) if into_primitive else (md, self.w_user)
     return _Direction(rt.primitive(pd), rt.memory(md), blocked, rt.reorder(src, dst))
 
   def run(self, direction: str, a: int, b: int, out: int) -> None:
     """One direction on data addresses: forward (x, w) -> y, input_grad (dy, w) -> dx,
-    weight_grad (x, dy) -> dw."""
-    d, rt = getattr(self, direction), self.rt
+    weight_grad (x, dy) -> dw. Safe from any thread: runs are serialized."""
+    with self.rt.lock:
+      self._run(getattr(self, direction), direction, a, b, out)
+
+  def _run(self, d: _Direction, direction: str, a: int, b: int, out: int) -> None:
+    rt = self.rt
     blocked = d.blocked.ctypes.data
     if direction == 'weight_grad':
       rt.execute(
@@ -282,7 +364,8 @@ def _impl_info(lib: ctypes.CDLL, pd: _Handle) -> str:
 
 
 @functools.cache
-def _convolution(shape: Shape) -> _Convolution:
+def convolution(shape: Shape) -> _Convolution:
+  """The three primitives of `shape`, created on first use and kept for the process."""
   return _Convolution(_runtime(), shape)
 
 
@@ -292,7 +375,7 @@ def supports(shape: Shape) -> bool:
   if not available():
     return False
   try:
-    _convolution(Shape(*shape))
+    convolution(Shape(*shape))
   except OneDnnError:
     return False
   return True
@@ -300,7 +383,7 @@ def supports(shape: Shape) -> bool:
 
 def implementations(shape: Shape) -> dict[str, str]:
   """oneDNN's implementation name per direction (e.g. 'brgconv:avx512_core')."""
-  return dict(_convolution(Shape(*shape)).impl)
+  return dict(convolution(Shape(*shape)).impl)
 
 
 # --- XLA FFI handlers (xla/ffi/api/c_api.h, FFI API 0.x) -------------------------------
@@ -416,8 +499,7 @@ def _handler(conv: _Convolution, direction: str) -> _Handler:
       if frame.stage != _EXECUTE_STAGE:
         return None
       args, rets = frame.args.values, frame.rets.values
-      with conv.rt.lock:
-        conv.run(direction, args[0].contents.data, args[1].contents.data, rets[0].contents.data)
+      conv.run(direction, args[0].contents.data, args[1].contents.data, rets[0].contents.data)
     except Exception:  # noqa: BLE001 -- reported to XLA, which raises it in the caller
       return _error(frame.api, f'resnet_jax oneDNN {direction}: {traceback.format_exc()}')
     return None
@@ -433,7 +515,7 @@ def _target(direction: str, shape: Shape) -> str:
     f'resnet_jax_onednn_{direction}_{n}x{h}x{w}x{c}_{kh}x{kw}x{f}_s{sh}x{sw}_p{t}_{b}_{left}_{r}'
   )
   if name not in _handlers:
-    _handlers[name] = _handler(_convolution(shape), direction)
+    _handlers[name] = _handler(convolution(shape), direction)
     fn = ctypes.cast(_handlers[name], _Handle).value
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform='cpu')
   return name
