@@ -3,9 +3,11 @@
 import os
 import tempfile
 
-# Before anything imports jax: the whole session sees 8 CPU devices, so sharding is tested
-# for real; 1-device tests use make_mesh(jax.devices()[:1]).
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Before anything imports jax: a session sees 8 CPU devices unless XLA_FLAGS says otherwise
+# (tests/run.py runs the tests marked `mesh` on 8, the rest on 1, where oneDNN's
+# convolutions run); 1-device tests use make_mesh(jax.devices()[:1]).
+MESH_DEVICES = 8
+os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={MESH_DEVICES}')
 # One persistent compilation cache for the session and the main.py processes it starts
 # (inherited through the environment): a restart test compiles its step once, not per
 # process. Fresh per session, removed at its end; configs that name a cache dir still use
@@ -33,6 +35,22 @@ import pytest  # noqa: E402
 # The datasets folder of ../shared, beside the repository (also beside a CI clone).
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / 'shared' / 'datasets'
 TEST_DATASETS = ('mnist', 'cifar10')
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+  """Tests on the `mesh8` fixture are `mesh` tests; a `mesh` test in a session with fewer
+  devices is skipped, saying where it runs."""
+  import jax
+
+  for item in items:
+    if 'mesh8' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.mesh)
+  if jax.device_count() >= MESH_DEVICES:
+    return
+  skip = pytest.mark.skip(reason=f'needs {MESH_DEVICES} host devices: python tests/run.py')
+  for item in items:
+    if item.get_closest_marker('mesh'):
+      item.add_marker(skip)
 
 
 def pytest_unconfigure(config) -> None:

@@ -352,6 +352,7 @@ def test_a_save_that_fails_in_the_background_stops_the_run_with_one_line(tmp_pat
   assert max(r['step'] for r in read_metrics(tmp_path)) <= 105  # stopped at the failed save (100)
 
 
+@pytest.mark.mesh
 @pytest.mark.parametrize('saved_on,restored_on', [(8, 1), (1, 8)])
 def test_restore_onto_another_device_count(tmp_path, saved_on, restored_on):
   state = _train_in_process(tmp_path, saved_on, num_train_steps=4)

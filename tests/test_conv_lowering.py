@@ -2,6 +2,7 @@
 included) computes XLA's convolution within float32 rounding, the model's conv_impl switch
 changes nothing but speed, and `auto` reads its table only on CPUs."""
 
+import functools
 import json
 import platform
 import sys
@@ -56,13 +57,36 @@ def test_every_lowering_equals_xla_within_rounding(shape):
   dy = jax.random.normal(kd, (xs[0], *g.out_hw, ws[3]))
   want, bounds = onednn_check.rounding_bounds(x, w, dy, strides, padding)
   for lowering in LOWERINGS:
-    if 'onednn' in lowering and not onednn.available():
-      continue  # test_onednn_loads_where_it_is_a_dependency fails where it should load
-    y, vjp = jax.vjp(lambda x, w, lowering=lowering: cl.lowered_conv(x, w, g, lowering), x, w)
-    for name, got, ref, bound in zip(('y', 'dx', 'dw'), (y, *vjp(dy)), want, bounds, strict=True):
-      assert got.shape == ref.shape and got.dtype == ref.dtype
-      excess = float(jnp.max(jnp.abs(got - ref) / bound))
-      assert excess <= 1.0, f'{lowering} {name}: error {excess:.2f}x the rounding bound'
+    if 'onednn' not in lowering:  # test_onednn_equals_xla_within_rounding
+      _assert_within(lowering, g, x, w, dy, want, bounds)
+
+
+@pytest.mark.onednn
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+@pytest.mark.parametrize('shape', SHAPES, ids=str)
+def test_onednn_equals_xla_within_rounding(shape):
+  xs, ws, strides, padding = SHAPES[shape]
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
+  g = cl.Geometry(xs, ws, strides, padding)
+  dy = jax.random.normal(kd, (xs[0], *g.out_hw, ws[3]))
+  want, bounds = onednn_check.rounding_bounds(x, w, dy, strides, padding)
+  _assert_within(cl.ONEDNN, g, x, w, dy, want, bounds)
+
+
+def _assert_within(lowering, g, x, w, dy, want, bounds):
+  """`lowering`'s y, dx and dw equal XLA's `want` within the rounding `bounds`."""
+
+  @jax.jit
+  def conv_and_grads(x, w, dy):
+    y, vjp = jax.vjp(lambda x, w: cl.lowered_conv(x, w, g, lowering), x, w)
+    return (y, *vjp(dy))
+
+  got_all = conv_and_grads(x, w, dy)
+  for name, got, ref, bound in zip(('y', 'dx', 'dw'), got_all, want, bounds, strict=True):
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    excess = float(jnp.max(jnp.abs(got - ref) / bound))
+    assert excess <= 1.0, f'{lowering} {name}: error {excess:.2f}x the rounding bound'
 
 
 def test_dead_taps_are_dropped():
@@ -78,6 +102,7 @@ def _table(monkeypatch, choices, with_onednn=None, cpu=None):
 
 
 def test_auto_reads_the_table_on_cpu_only(monkeypatch):
+  monkeypatch.setattr(onednn_check, 'trusted', lambda: False)  # the table among XLA's only
   g = cl.Geometry((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)))
   _table(monkeypatch, {g.key(jnp.float32): {'forward': 'gemm', 'input_grad': 'gemm'}})
   assert cl.choose(g, jnp.float32, 'auto') == cl.Lowering('gemm', 'gemm', 'xla')
@@ -105,6 +130,7 @@ def test_on_another_cpu_auto_keeps_only_the_dead_tap_choices(monkeypatch):
     onednn.supports.cache_clear()
 
 
+@pytest.mark.onednn
 def test_onednn_loads_where_it_is_a_dependency():
   if not X86_LINUX:
     pytest.skip('onednn-cpu-gomp is installed on x86-64 Linux only')
@@ -113,6 +139,7 @@ def test_onednn_loads_where_it_is_a_dependency():
   assert onednn.supports(g) and set(onednn.implementations(g)) == set(onednn.DIRECTIONS)
 
 
+@pytest.mark.onednn
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 @pytest.mark.parametrize('shape', onednn_check.SHAPES, ids=lambda s: 'x'.join(map(str, s.x_shape)))
 def test_onednn_created_on_one_thread_runs_on_another(shape):
@@ -123,6 +150,7 @@ def test_onednn_created_on_one_thread_runs_on_another(shape):
   onednn_check.compare(shape)  # raises where a direction is off XLA's by more than rounding
 
 
+@pytest.mark.onednn
 def test_onednn_passes_its_check_here(monkeypatch, tmp_path):
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
   onednn_check.trusted.cache_clear()
@@ -135,6 +163,7 @@ def test_onednn_passes_its_check_here(monkeypatch, tmp_path):
     assert json.loads(verdict.read_text()) == {**onednn_check._key(), 'ok': True, 'why': ''}
 
 
+@pytest.mark.onednn
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 def test_a_crashing_check_means_xla_with_one_warning_line(monkeypatch, tmp_path, caplog):
   """A oneDNN that takes its process down (here: a child that segfaults) costs a warning
@@ -160,6 +189,7 @@ def test_a_crashing_check_means_xla_with_one_warning_line(monkeypatch, tmp_path,
     onednn_check.trusted.cache_clear()
 
 
+@pytest.mark.onednn
 def test_onednn_of_another_release_is_not_used(monkeypatch):
   """The constants and signatures are oneDNN 3.x's: a library of another major release
   (a system libdnnl found by name, say) is not loaded."""
@@ -171,6 +201,8 @@ def test_onednn_of_another_release_is_not_used(monkeypatch):
   assert onednn._load(path) is None
 
 
+@pytest.mark.onednn
+@pytest.mark.mesh
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 def test_auto_takes_onednn_on_one_device_and_the_table_where_it_measured(monkeypatch):
   full = cl.Geometry((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
@@ -209,6 +241,8 @@ def test_auto_takes_onednn_on_one_device_and_the_table_where_it_measured(monkeyp
   assert sharding.traced_on(one, cl.choose)(full, jnp.float32, 'auto') == measured
 
 
+@pytest.mark.onednn
+@pytest.mark.mesh
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 def test_onednn_on_a_mesh_runs_each_devices_rows():
   """Over the session's 8 devices oneDNN sees a local batch of 16 / 8 = 2 rows; the
@@ -246,6 +280,7 @@ def test_conv_impl_onednn_without_the_library_says_how_to_get_it(monkeypatch):
     cl.choose(g, jnp.float32, 'onednn')
 
 
+@pytest.mark.onednn
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 def test_onednn_failure_is_an_error_not_a_silent_result(monkeypatch):
   g = cl.Geometry((3, 6, 6, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1)))
@@ -259,6 +294,7 @@ def test_onednn_failure_is_an_error_not_a_silent_result(monkeypatch):
     jax.block_until_ready(jax.jit(lambda x, w: cl.lowered_conv(x, w, g, cl.ONEDNN))(x, w))
 
 
+@pytest.mark.onednn
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 def test_onednn_under_vmap_equals_each_member():
   g = cl.Geometry((2, 5, 5, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1)))
@@ -286,6 +322,7 @@ def test_committed_table_names_known_lowerings():
   assert all('onednn' not in c.values() for c in table.choices.values())
 
 
+@functools.cache
 def _sgd_steps(conv_impl: str, steps: int = 3):
   """Loss and parameters after `steps` SGD steps of a small ImageNet-stem net on fixed
   data (7x7/2 stem, max pool, strided 3x3 and 1x1 projections, 3x3s on a 1x1 map)."""
@@ -318,7 +355,9 @@ def _sgd_steps(conv_impl: str, steps: int = 3):
   return np.array(losses), params
 
 
-@pytest.mark.parametrize('impl', ['auto', 'gemm', 'taps', 'onednn'])
+@pytest.mark.parametrize(
+  'impl', ['auto', 'gemm', 'taps', pytest.param('onednn', marks=pytest.mark.onednn)]
+)
 def test_sgd_steps_equal_with_each_impl(impl):
   if impl == 'onednn' and not onednn.available():
     pytest.skip('oneDNN does not load here')

@@ -329,6 +329,7 @@ def test_eval_rows_of_all_processes_cover_the_split_once(eval_batch, devices, pr
   np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(10_000))
 
 
+@pytest.mark.mesh
 @pytest.mark.parametrize(('eval_batch', 'devices'), [(7, 8), (32, 1), (100, 8)])
 def test_eval_batches_see_every_example_once(eval_batch, devices, tfds_dir):
 

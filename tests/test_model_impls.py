@@ -78,7 +78,11 @@ def test_stem_input_channels_pads_with_zeros_exactly():
   assert jax.tree.map(jnp.shape, padded.init(jax.random.key(0), x)) == jax.tree.map(
     jnp.shape, variables
   )
-  np.testing.assert_array_equal(padded.apply(variables, x), _stem('conv').apply(variables, x))
+  # The same 147 products per output, plus 49 zeros: equal on one CPU, but XLA may block
+  # the 4-channel sum differently (29 of 2,048 outputs off by up to 4.5e-6 relative on an
+  # AVX2 EPYC), so within the rounding of a sum of 7*7*4 products.
+  y, y0 = padded.apply(variables, x), _stem('conv').apply(variables, x)
+  assert y.shape == y0.shape and _rel(y, y0) < 196 * EPS32
 
 
 def test_space_to_depth_stem_refuses_odd_images():

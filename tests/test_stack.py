@@ -85,6 +85,7 @@ def singles(tfds_dir):
   }
 
 
+@pytest.mark.mesh
 @pytest.mark.parametrize('method', ['unroll', 'vmap'])
 def test_each_member_computes_its_single_run(method, singles, tfds_dir):
   config = _stacked(
@@ -112,6 +113,7 @@ def test_members_differ_as_their_single_runs_do(singles):
   assert np.all(losses['plain_seed0'] != losses['resnet_seed0'])
 
 
+@pytest.mark.mesh
 def test_stacked_batches_are_each_seeds_single_batches(tfds_dir):
   mesh = _mesh(8)
   for fields in (
@@ -158,6 +160,7 @@ def test_lr_scale_scales_the_learning_rate():
   assert _relative(stack.member_state(state, 1).params, half.params) <= 1e-5
 
 
+@pytest.mark.mesh
 def test_a_stack_trains_on_real_data_and_evaluates_within_noise(tfds_dir, tmp_path):
   """MNIST, 200 steps: members end where single runs end, within what seeds change."""
   fields = dict(
@@ -273,6 +276,7 @@ def npz_dir():
   return str(SHARED_DATASETS)
 
 
+@pytest.mark.mesh
 @pytest.mark.parametrize('dataset', ['mnist', 'cifar10'])
 def test_npz_archives_give_the_tfds_arrays_and_batches(dataset, npz_dir, tfds_dir):
   from resnet_jax.data import datasets, memory_source

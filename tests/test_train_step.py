@@ -105,6 +105,7 @@ def _train(mesh, batches, model, tx, **kw):
   return state, losses
 
 
+@pytest.mark.mesh
 def test_eight_devices_train_and_evaluate_like_one():
   model = models.build_model('cifar_resnet20')
   c = default.get_config()
@@ -128,6 +129,8 @@ def test_eight_devices_train_and_evaluate_like_one():
   assert results[8][1]['eval_count'] == results[1][1]['eval_count'] == 16
 
 
+@pytest.mark.mesh
+@pytest.mark.onednn
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 def test_steps_over_a_mesh_run_onednn_on_each_devices_rows():
   # The steps are traced on their mesh, so oneDNN's convolutions see each device's 2 of

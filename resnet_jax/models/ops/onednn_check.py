@@ -124,22 +124,30 @@ def rounding_bounds(x, w, dy, strides, padding) -> tuple[tuple, tuple]:
   """XLA's y, dx, dw for the NHWC/HWIO convolution, and their float32 rounding bounds:
   2 K eps times the same sums over absolute values (K terms per sum), the standard bound
   for a sum of K products."""
+  return _bounds_fn(tuple(strides), tuple(map(tuple, padding)))(x, w, dy)
+
+
+@functools.cache
+def _bounds_fn(strides: tuple, padding: tuple):
   import jax
   from jax import lax
 
   conv = lambda x, w: lax.conv_general_dilated(
     x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
   )
-  y, vjp = jax.vjp(conv, x, w)
-  _, abs_vjp = jax.vjp(conv, abs(x), abs(w))
-  terms = (
-    w.shape[0] * w.shape[1] * w.shape[2],
-    w.shape[0] * w.shape[1] * w.shape[3],
-    x.shape[0] * y.shape[1] * y.shape[2],
-  )
-  sums = (conv(abs(x), abs(w)), *abs_vjp(abs(dy)))
-  bounds = tuple(2 * k * EPS * a + 1e-30 for k, a in zip(terms, sums, strict=True))
-  return (y, *vjp(dy)), bounds
+
+  def bounds(x, w, dy):
+    y, vjp = jax.vjp(conv, x, w)
+    _, abs_vjp = jax.vjp(conv, abs(x), abs(w))
+    terms = (
+      w.shape[0] * w.shape[1] * w.shape[2],
+      w.shape[0] * w.shape[1] * w.shape[3],
+      x.shape[0] * y.shape[1] * y.shape[2],
+    )
+    sums = (conv(abs(x), abs(w)), *abs_vjp(abs(dy)))
+    return (y, *vjp(dy)), tuple(2 * k * EPS * a + 1e-30 for k, a in zip(terms, sums, strict=True))
+
+  return jax.jit(bounds)
 
 
 def compare(shape: onednn.Shape) -> None:
