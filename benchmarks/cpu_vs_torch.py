@@ -27,7 +27,8 @@ import jax
 
 from benchmarks import train_throughput as tt
 from resnet_jax import models
-from resnet_jax.models.ops import conv_lowering
+from resnet_jax.models.ops import onednn
+from resnet_jax.models.ops.cpu_info import cpu_model
 
 TORCH_HINT = 'PyTorch is not installed: pip install torch (CPU build) to run this benchmark.'
 
@@ -185,8 +186,15 @@ def compare(name: str, args: argparse.Namespace) -> dict[str, Any]:
     'torch': torch.__version__,
     'torch_threads': torch.get_num_threads(),
     'jax': jax.__version__,
-    'host_cpu': conv_lowering.cpu_model(),
+    'host_cpu': cpu_model(),
     'host_cores': os.cpu_count(),
+    # An AVX2 or SSE4.1 CPU emulated on a newer one: the ISA caps of both oneDNNs, XLA, ATen.
+    'onednn_isa': onednn.effective_isa(),
+    'isa_caps': {
+      k: os.environ[k]
+      for k in ('ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'XLA_FLAGS')
+      if k in os.environ
+    },
   }
 
 

@@ -17,6 +17,7 @@ from resnet_jax import models, sharding
 from resnet_jax.errors import UserError
 from resnet_jax.models.ops import conv_lowering as cl
 from resnet_jax.models.ops import onednn, onednn_check
+from tests.helpers import run_python
 
 # (input NHWC, kernel HWIO, strides, padding): strides 1 and 2, the 7x7/2 stem, 1x1
 # projections, odd and non-square maps, 1 and 3 input channels, batch 1, maps where taps
@@ -376,3 +377,22 @@ def test_sgd_steps_equal_with_each_impl(impl):
 def test_conv_impl_is_checked():
   with pytest.raises(Exception, match='conv_impl'):
     models.build_model('cifar_resnet20', conv_impl='fast')
+
+
+@pytest.mark.onednn
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
+def test_a_script_that_exits_with_its_program_running_exits():
+  """Its oneDNN steps would need the GIL while the interpreter finalizes: hung 2 runs in 4
+  before the exit waited for them."""
+  result = run_python(
+    """
+    import jax, jax.numpy as jnp
+    from resnet_jax import models
+    model = models.build_model('cifar_resnet20', shortcut='B')
+    x = jnp.zeros((2, 32, 32, 3))
+    v = jax.jit(model.init, static_argnames='train')(jax.random.key(0), x, train=False)
+    print(jax.jit(model.apply, static_argnames='train')(v, x, train=False).shape)
+    """,
+    timeout=120,
+  )
+  assert result.returncode == 0 and result.stdout.strip() == '(2, 10)', result.stderr[-2000:]

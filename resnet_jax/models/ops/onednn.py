@@ -22,6 +22,8 @@ direction and kept for the process. Calls are serialized by a lock: a oneDNN str
 one primitive at a time, and oneDNN already spreads one call over every core (OpenMP).
 """
 
+import atexit
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -29,6 +31,7 @@ import importlib.metadata
 import os
 import pathlib
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -484,6 +487,48 @@ def _error(api: int, message: str) -> int:
   return create(ctypes.byref(args))
 
 
+class _Activity:
+  """When oneDNN steps ran, so that the process's exit can wait for the ones still coming.
+
+  A handler is Python and needs the GIL. A program still running when the interpreter
+  finalizes (a script that exits without waiting for its last result) would call one
+  while the finalizing main thread holds the GIL and waits, in XLA's client destructor,
+  for that very worker thread: a hang at exit. So at exit (`atexit`, before finalization)
+  the main thread waits, GIL released, for every live array, then until no step has run
+  for `QUIET_S` (a result that was dropped still has its program running).
+  """
+
+  QUIET_S = 0.5  # longer than XLA's work between two convolutions of a step
+  MAX_WAIT_S = 600.0
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.running, self.last = 0, time.monotonic()
+
+  def __enter__(self):
+    with self.lock:
+      self.running += 1
+
+  def __exit__(self, *_):
+    with self.lock:
+      self.running -= 1
+      self.last = time.monotonic()
+
+  def wait_for_programs(self) -> None:
+    for array in jax.live_arrays():
+      with contextlib.suppress(Exception):  # a failed program has nothing left to run
+        array.block_until_ready()
+    start = time.monotonic()
+    while time.monotonic() < start + self.MAX_WAIT_S:
+      with self.lock:
+        if not self.running and time.monotonic() - max(self.last, start) > self.QUIET_S:
+          return
+      time.sleep(0.05)
+
+
+_activity = _Activity()
+
+
 def _handler(conv: _Convolution, direction: str) -> _Handler:
   def handle(frame_ptr) -> int | None:
     frame = frame_ptr.contents
@@ -499,7 +544,8 @@ def _handler(conv: _Convolution, direction: str) -> _Handler:
       if frame.stage != _EXECUTE_STAGE:
         return None
       args, rets = frame.args.values, frame.rets.values
-      conv.run(direction, args[0].contents.data, args[1].contents.data, rets[0].contents.data)
+      with _activity:
+        conv.run(direction, args[0].contents.data, args[1].contents.data, rets[0].contents.data)
     except Exception:  # noqa: BLE001 -- reported to XLA, which raises it in the caller
       return _error(frame.api, f'resnet_jax oneDNN {direction}: {traceback.format_exc()}')
     return None
@@ -515,6 +561,8 @@ def _target(direction: str, shape: Shape) -> str:
     f'resnet_jax_onednn_{direction}_{n}x{h}x{w}x{c}_{kh}x{kw}x{f}_s{sh}x{sw}_p{t}_{b}_{left}_{r}'
   )
   if name not in _handlers:
+    if not _handlers:
+      atexit.register(_activity.wait_for_programs)
     _handlers[name] = _handler(convolution(shape), direction)
     fn = ctypes.cast(_handlers[name], _Handle).value
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform='cpu')
