@@ -4,7 +4,7 @@
     python main.py --config=configs/cifar10.py:resnet110 --workdir=DIR --config.batch_size=256
     python main.py --config=... --workdir=DIR --mode=eval [--checkpoint_step=N]
 
-See resnet_jax/commands/main.py for the flags and README.md for the rest.
+`python main.py --help` lists the flags; docs/training.md says the rest.
 """
 
 from resnet_jax.commands.main import main

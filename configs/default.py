@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0
 
   # Fine-tuning (resnet_jax.training.finetune): a run with no checkpoint yet starts from these
-  # weights instead of its seed; README "Pretrained weights".
+  # weights instead of its seed; docs/pretrained.md.
   c.init_from = ''  # a .safetensors/.pth in torchvision/timm layout, or a workdir ('': none)
   c.init_head = 'auto'  # 'auto': the source's head if its shape fits, else new; 'new': new
   c.freeze = 'none'  # 'none' | 'bn_stats' (BN in inference mode) | 'trunk' (train the head only)

@@ -1,6 +1,9 @@
-"""main.py end to end: bad input is one line and exit 2; training converges on real MNIST."""
+"""main.py end to end: bad input is one line and exit 2; training converges on real MNIST;
+every console command explains itself (--help, --version)."""
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,12 +47,18 @@ def _error_line(result):
     ),
     (['--config.batch_sise=64'], 'Did you mean "batch_size"'),
     (['--config.model_overrides.shortcutt=A'], 'Did you mean "shortcut"'),
-    (['--config.learning_rate=1e30'], 'non-finite loss or gradient at step'),
     (['--workdir='], '--workdir is required: a directory for checkpoints'),
   ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, expected):
   assert expected in _error_line(_main(tmp_path, *flags))
+
+
+def test_nonfinite_loss_before_the_first_checkpoint_says_there_is_none(tmp_path):
+  line = _error_line(_main(tmp_path, '--config.learning_rate=1e30'))  # checked at step 5
+  assert re.search(
+    r'non-finite loss or gradient at step \d; no checkpoint was saved before it', line
+  )
 
 
 def test_missing_config_is_one_line_and_exit_2():
@@ -88,3 +97,71 @@ def test_small_resnet_learns_mnist(mnist_workdir):
   final = [r for r in read_metrics(mnist_workdir) if 'eval_top1' in r][-1]
   assert final['eval_count'] == 10_000
   assert final['eval_top1'] >= 0.97, final
+
+
+# Each console command (pyproject.toml [project.scripts]) and the flags its help must list.
+COMMANDS = {
+  'resnet-jax-train': [
+    'config',
+    'workdir',
+    'mode',
+    'checkpoint_step',
+    'allow_config_change',
+    'distributed',
+    'coordinator_address',
+    'num_processes',
+    'process_id',
+    'help',
+    'version',
+  ],
+  'resnet-jax-convert': [
+    'config',
+    'workdir',
+    'from',
+    'to',
+    'checkpoint_step',
+    'member',
+    'help',
+    'version',
+  ],
+  'resnet-jax-summary': [
+    'list',
+    'image_size',
+    'channels',
+    'num_classes',
+    'json',
+    'help',
+    'version',
+  ],
+}
+
+
+def _command(name, *args):
+  script = Path(sys.executable).parent / name
+  if not script.exists():
+    pytest.skip(f'{name} is not installed beside {sys.executable} (pip install -e .)')
+  return subprocess.run([str(script), *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize('name', sorted(COMMANDS))
+def test_each_command_explains_itself_and_tells_its_version(name):
+  shown = _command(name, '--help')
+  assert shown.returncode == 0, shown.stderr
+  text = shown.stdout
+  assert text.startswith(f'usage: {name}'), text
+  about = text.split('\n\n')[1]  # after the usage, what the command does, in words
+  assert len(about.split()) >= 10, about
+  for flag in COMMANDS[name]:  # one line each, flag first
+    assert len(re.findall(rf'^  (-\w, )?--{flag}\s', text, re.M)) == 1, (flag, text)
+  assert re.search(rf'^example:\n  {name} \S', text, re.M), text
+  version = _command(name, '--version')
+  assert version.returncode == 0, version.stderr
+  assert version.stdout == f'resnet-jax {importlib.metadata.version("resnet-jax")}\n'
+
+
+def test_main_py_help_is_the_train_commands():
+  main_py = subprocess.run(
+    [sys.executable, 'main.py', '--help'], cwd=REPO, capture_output=True, text=True
+  )
+  assert main_py.returncode == 0, main_py.stderr
+  assert main_py.stdout == _command('resnet-jax-train', '--help').stdout

@@ -17,24 +17,37 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from resnet_jax.commands import usage
 from resnet_jax.errors import UserError
 from resnet_jax.training.metrics import console_logging
-from resnet_jax.training.torch_weights import export_weights, import_weights
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-  'config', None, 'The config the workdir is (to be) trained with.', lock_config=True
+  'config', None, 'the config the workdir is (to be) trained with', lock_config=True
 )
-flags.DEFINE_string('workdir', None, 'The workdir to import into (new) or export from.')
-flags.DEFINE_string('from', None, 'Import: a torchvision/timm .safetensors or .pth file.')
-flags.DEFINE_string('to', None, 'Export: the .safetensors file to write (must not exist).')
-flags.DEFINE_integer('checkpoint_step', None, 'Export: the step to export (default: latest).')
-flags.DEFINE_string('member', None, 'Export from a stack: the member to export.')
+flags.DEFINE_string('workdir', None, 'the workdir to import into (new) or export from')
+flags.DEFINE_string('from', None, 'import: a torchvision/timm .safetensors or .pth file')
+flags.DEFINE_string('to', None, 'export: the .safetensors file to write (must not exist)')
+flags.DEFINE_integer('checkpoint_step', None, 'export: the step to export (default: the latest)')
+flags.DEFINE_string('member', None, 'export from a stack: the member to export')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+_USAGE = 'resnet-jax-convert --config=FILE --workdir=DIR (--from=FILE | --to=FILE) [flags]'
+_ABOUT = """\
+Pretrained weights into and out of a workdir: --from imports a torchvision/timm ResNet
+into a new workdir (which --mode=eval and training then use), --to exports a checkpoint
+of the workdir as a torchvision-layout .safetensors file for PyTorch."""
+_EXAMPLE = (
+  'resnet-jax-convert --config=configs/resnet50_imagenet.py --workdir=DIR '
+  '--from=resnet50.safetensors'
+)
 
 
 def run(_) -> None:
   console_logging()
+  # Here, not at the top: --help and --version answer without loading jax.
+  from resnet_jax.training.torch_weights import export_weights, import_weights
+
   source, target = FLAGS['from'].value, FLAGS.to
   if (source is None) == (target is None):
     raise UserError('give either --from=FILE (import) or --to=FILE (export).')
@@ -45,6 +58,7 @@ def run(_) -> None:
 
 
 def main() -> None:
+  usage.answer_help_or_version(sys.argv, usage.help_text(_USAGE, _ABOUT, __name__, _EXAMPLE))
   try:
     app.run(run)
   except UserError as e:

@@ -6,43 +6,58 @@
 
 Rerunning the same command resumes from the latest checkpoint. Started as several
 processes (a multi-host TPU slice, a GPU cluster), each process runs this same command;
-see README.md "Running on many devices".
+see docs/distributed.md.
 """
 
 import contextlib
 import os
 import sys
-from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from resnet_jax.commands import usage
 from resnet_jax.errors import EXIT_PREEMPTED, CheckpointWriteError, Preempted, UserError
 from resnet_jax.training.metrics import console_logging
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-  'config', None, 'Config file (configs/*.py[:ARG]).', lock_config=True
+  'config',
+  None,
+  'config file, configs/*.py[:ARG]; --config.FIELD=VALUE overrides one of its fields',
+  lock_config=True,
 )
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and resume), or evaluate only.')
-flags.DEFINE_integer('checkpoint_step', None, 'With --mode=eval: the step to evaluate.')
+flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and logs')
+flags.DEFINE_enum(
+  'mode', 'train', ['train', 'eval'], 'train (resuming), or only evaluate a checkpoint'
+)
+flags.DEFINE_integer(
+  'checkpoint_step', None, 'with --mode=eval: the step to evaluate (default: the latest)'
+)
 flags.DEFINE_list(
   'allow_config_change',
   [],
-  'Config fields that may differ from WORKDIR/config.json on a restart, e.g. '
-  'num_train_steps,lr_boundaries for a longer schedule (see README "Outputs and resuming").',
+  'config fields that may differ from WORKDIR/config.json on a restart, e.g. num_train_steps',
 )
 flags.DEFINE_enum(
   'distributed',
   'auto',
   ['auto', 'on', 'off'],
-  'jax.distributed.initialize: auto = when a cluster environment '
-  '(TPU pod, SLURM, Open MPI) or --coordinator_address is present.',
+  'jax.distributed.initialize; auto: in a cluster job or given --coordinator_address',
 )
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
-flags.DEFINE_integer('process_id', None, 'This process index (multi-process).')
+flags.DEFINE_string('coordinator_address', None, 'multi-process: host:port of process 0')
+flags.DEFINE_integer('num_processes', None, 'multi-process: the number of processes')
+flags.DEFINE_integer('process_id', None, 'multi-process: the index of this process')
+
+_USAGE = (
+  'resnet-jax-train --config=FILE[:ARG] --workdir=DIR [flags]\n'
+  '   or: python main.py --config=FILE[:ARG] --workdir=DIR [flags]'
+)
+_ABOUT = """\
+Train a ResNet from a config file, or evaluate a checkpoint of the workdir (--mode=eval:
+prints the metrics and appends them to WORKDIR/metrics.jsonl). Rerunning the same command
+resumes from the latest checkpoint. configs/default.py lists every field of a config."""
+_EXAMPLE = 'resnet-jax-train --config=configs/smoke.py --workdir=/tmp/smoke  # 20 steps, seconds'
 
 # Environment variables that mean "one of several processes of a cluster job".
 _CLUSTER_ENV = (
@@ -103,24 +118,6 @@ def _quiet_tensorflow() -> None:
     os.close(saved)
 
 
-def _drop_orbax_unraisable(unraisable: Any) -> None:
-  """sys.unraisablehook without the thousands of 'Exception ignored in <coroutine ...>'
-  reports that orbax's abandoned read/write coroutines leave behind a damaged checkpoint
-  or a failed save; our own one-line report says what happened."""
-  code = getattr(unraisable.object, 'cr_code', None)
-  if code is not None and 'orbax' in code.co_filename:
-    return
-  sys.__unraisablehook__(unraisable)
-
-
-def _drop_closed_loop_callbacks(kind: type, error: BaseException, tb: Any) -> None:
-  """sys.excepthook without 'Event loop is closed' from tensorstore's callbacks: reads and
-  writes of a failed restore or save that finish after orbax closed their event loop."""
-  if kind is RuntimeError and str(error) == 'Event loop is closed':
-    return
-  sys.__excepthook__(kind, error, tb)
-
-
 def run(_) -> None:
   console_logging()
   _init_jax()
@@ -166,7 +163,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     FLAGS.config.model  # noqa: B018 - a config file that failed to load raises here
     return rest
   except flags.Error as e:
-    _fail(f'{e}; see `python main.py --helpfull`.')
+    _fail(f'{e}; see `resnet-jax-train --help`.')
   except SyntaxError as e:
     _fail(f'{e.filename}:{e.lineno}: {e.msg}; fix the config file.')
   except OSError as e:
@@ -182,9 +179,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+  usage.answer_help_or_version(sys.argv, usage.help_text(_USAGE, _ABOUT, __name__, _EXAMPLE))
   _quiet_tensorflow()
-  sys.unraisablehook = _drop_orbax_unraisable
-  sys.excepthook = _drop_closed_loop_callbacks
   try:
     app.run(run, flags_parser=_parse_flags)
   except Preempted:

@@ -48,6 +48,9 @@ DATASETS: dict[str, DatasetSpec] = {
 
 # Small enough to hold as numpy (and, optionally, on the devices); native image size.
 IN_MEMORY = frozenset({'mnist', 'fashion_mnist', 'cifar10', 'cifar100'})
+# What NAME.npz holds for an in-memory dataset, as keras.datasets saves them: memory_source
+# reads it, and both it and input_pipeline name it in the errors that ask for one.
+NPZ_LAYOUT = 'uint8 arrays x_train, y_train, x_test, y_test'
 CROP_FLIP = frozenset({'cifar10', 'cifar100'})  # the paper's CIFAR augmentation
 NORMALIZATIONS = ('per_channel', 'per_pixel_mean')
 TRAIN_AUGMENTS = ('inception', 'scale')

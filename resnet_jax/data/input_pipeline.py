@@ -30,8 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
-from resnet_jax.data.datasets import IN_MEMORY, DatasetSpec
-from resnet_jax.data.memory_source import NPZ_LAYOUT
+from resnet_jax.data.datasets import IN_MEMORY, NPZ_LAYOUT, DatasetSpec
 from resnet_jax.errors import UserError, first_line
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from resnet_jax.data.datasets import DatasetSpec
+from resnet_jax.data.datasets import NPZ_LAYOUT, DatasetSpec
 from resnet_jax.errors import UserError
 
 CROP_PAD = 4  # CIFAR: pad 4 pixels each side, random crop of the original size (the paper)
 NPZ_NAMES = ('{name}.npz', '{name}_jpeg.npz')
-NPZ_LAYOUT = 'uint8 arrays x_train, y_train, x_test, y_test'  # as keras.datasets saves them
 
 Batch = dict[str, np.ndarray]
 

@@ -11,6 +11,7 @@ memory-bound and left out). Nothing is computed: the model is only traced.
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import math
 import sys
@@ -91,20 +92,48 @@ def _table(name: str, rows: list[Row]) -> str:
   return '\n'.join(lines)
 
 
+_ABOUT = """\
+Shapes, parameters and multiply-accumulates of a named architecture: one row per stem,
+block and head with its output shape, parameters and GMACs, then the totals. Nothing is
+computed: the model is only traced."""
+_EXAMPLE = 'resnet-jax-summary resnet50  # or: python -m resnet_jax.models.summary resnet50'
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+  """The description as written, and each flag's help on one line (argparse would wrap
+  it at the terminal's width)."""
+  return argparse.RawDescriptionHelpFormatter(prog, max_help_position=28, width=100)
+
+
+def _version() -> str:
+  return f'resnet-jax {importlib.metadata.version("resnet-jax")}'
+
+
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point; returns the exit code."""
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(
+    description=_ABOUT,
+    epilog=f'example:\n  {_EXAMPLE}',
+    formatter_class=_formatter,
+  )
   p.add_argument('name', nargs='?', help='architecture name, e.g. resnet50, cifar_plain56')
   p.add_argument('--list', action='store_true', help='print the names of all architectures')
   p.add_argument(
     '--image_size',
     type=int,
-    default=None,
-    help='input height and width (default: 224, 32 for cifar_*, 28 for mnist_*)',
+    metavar='N',
+    help='input height and width (default: 224, cifar_*: 32, mnist_*: 28)',
   )
-  p.add_argument('--channels', type=int, default=None, help='input channels (default 3; 1 mnist)')
-  p.add_argument('--num_classes', type=int, default=None)
-  p.add_argument('--json', action='store_true', help='print one JSON object')
+  p.add_argument(
+    '--channels', type=int, metavar='N', help='input channels (default: 3, mnist_*: 1)'
+  )
+  p.add_argument(
+    '--num_classes', type=int, metavar='N', help="classes of the head (default: the architecture's)"
+  )
+  p.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
+  p.add_argument(
+    '--version', action='version', version=_version(), help='print the version of resnet-jax'
+  )
   a = p.parse_args(argv)
   if a.list:
     print('\n'.join(models.ARCHITECTURES))

@@ -18,6 +18,8 @@ The train state is all there is to restore: the data pipeline is a function of
 (seed, step), and training draws no other randomness.
 """
 
+import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -38,6 +40,7 @@ from resnet_jax.errors import CheckpointWriteError, UserError, first_line
 log = logging.getLogger(__name__)
 
 CHECKSUM_KEY = 'fingerprints'
+_SETTLE_S = 60.0  # how long a failed read waits for the others in flight (_SettlingEventLoop)
 # Written into a new checkpoints directory: every checkpoint in it carries fingerprints, so
 # one without them (its _CHECKPOINT_METADATA deleted or garbled) is damage, not an older
 # format. Directories from before fingerprints have no marker and restore such steps.
@@ -46,6 +49,53 @@ FINGERPRINTED_MARKER = 'FINGERPRINTED'
 
 class _Damaged(Exception):
   """A checkpoint's files cannot be read back as the state that was saved."""
+
+
+class _SettlingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that, closed with tasks still pending, first lets them finish.
+
+  Orbax runs each read in a fresh event loop (asyncio_utils.run_sync) and closes it as soon
+  as the read's coroutine ends. On a damaged checkpoint that is at the first failed array,
+  while the other reads of its `asyncio.gather` are still in tensorstore's threads: each of
+  them then calls back into the closed loop ('Event loop is closed', a traceback apiece on
+  stderr) or is dropped unretrieved ('exception was never retrieved'), hundreds of
+  tracebacks after the one-line report. Waiting for them costs no more than reading a good
+  checkpoint; a read that hangs (remote storage) is left behind after _SETTLE_S.
+  """
+
+  def close(self) -> None:
+    deadline = time.monotonic() + _SETTLE_S
+    # Tasks that finish may start others (a gather of reads after a gather of opens).
+    while not self.is_closed() and not self.is_running() and (tasks := asyncio.all_tasks(self)):
+      left = deadline - time.monotonic()
+      if left <= 0:
+        break
+      done, _ = self.run_until_complete(asyncio.wait(tasks, timeout=left))
+      for task in done:
+        if not task.cancelled():
+          task.exception()  # retrieved: the read's first failure is what orbax raised
+    super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+  """asyncio's default policy, whose new event loops are _SettlingEventLoops."""
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _SettlingEventLoop()
+
+
+@contextlib.contextmanager
+def _settled_reads():
+  """Orbax's reads inside this block leave no task running after they fail (see
+  _SettlingEventLoop). Orbax makes its loops with asyncio.new_event_loop(), which asks the
+  event loop policy, the one hook asyncio offers (deprecated in Python 3.14, gone in 3.16),
+  so the policy is swapped for the block: a save's background thread keeps its own loops."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_SettlingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def leaf_name(path: tuple[Any, ...]) -> str:
@@ -180,11 +230,12 @@ class Checkpoints:
     free = shutil.disk_usage(self.directory).free
     needed = state_bytes * 1.05 + 2**20  # the state, orbax's metadata, and a margin
     if free < needed:
+      needed_mib, state_mib, free_mib = _mib(needed, state_bytes, free)
       raise CheckpointWriteError(
-        f'cannot write a checkpoint in {self.directory}: it needs '
-        f'{_mib(needed)} (the state is {_mib(state_bytes)}, plus 5% and 1 MiB of margin for '
-        f"orbax's files) and only {_mib(free)} are free. The checkpoints already there are "
-        'intact; free at least the difference, then rerun the same command to resume.'
+        f'cannot write a checkpoint in {self.directory}: it needs {needed_mib} (the state is '
+        f"{state_mib}, plus 5% and 1 MiB of margin for orbax's files) and only {free_mib} are "
+        'free. The checkpoints already there are intact; free at least the difference, then '
+        'rerun the same command to resume.'
       )
 
   def check(self) -> None:
@@ -237,7 +288,8 @@ class Checkpoints:
     damaged: list[tuple[int, str]] = []
     for s in [step] if step is not None else sorted(self.steps(), reverse=True):
       try:
-        state = self._restore_verified(s, abstract_state)
+        with _settled_reads():
+          state = self._restore_verified(s, abstract_state)
       except _Damaged as e:
         damaged.append((s, str(e)))
         log.warning('checkpoint at step %d is damaged (%s)', s, e)
@@ -261,7 +313,8 @@ class Checkpoints:
     steps = [step] if step is not None else sorted(self.steps(), reverse=True)
     for s in steps:
       try:
-        saved = self._manager.item_metadata(s)
+        with _settled_reads():
+          saved = self._manager.item_metadata(s)
       except Exception:  # noqa: BLE001 - unreadable metadata: an older checkpoint may do
         saved = None
       if saved is not None:
@@ -339,6 +392,11 @@ class Checkpoints:
     self._manager.close()
 
 
-def _mib(n: float) -> str:
-  """A size in MiB to one decimal, so close sizes read as different."""
-  return f'{n / 2**20:.1f} MiB'
+def _mib(*sizes: float) -> list[str]:
+  """Sizes in MiB with as many decimals (1 to 6) as it takes for different sizes to read as
+  different: 'needs 3.72 MiB, 3.69 MiB free', never 'needs 3.7 MiB, 3.7 MiB free'."""
+  for decimals in range(1, 7):
+    shown = [f'{n / 2**20:.{decimals}f} MiB' for n in sizes]
+    if len(set(shown)) == len(set(sizes)):
+      break
+  return shown

@@ -396,7 +396,7 @@ class _Run:
     """Answer a preemption: save `step` with what a restart needs (the unlogged steps'
     metrics, whether the evaluation of `step` is still to do) unless `saved`, and wait."""
     if not saved:
-      _check_finite(self.config, step, pending)
+      _check_finite(self.config, step, pending, self.checkpoints)
       window = [{k: np.asarray(v).tolist() for k, v in m.items()} for m in jax.device_get(pending)]
       extra = {_LOG_WINDOW_KEY: window, _EVAL_PENDING_KEY: eval_pending}
       self.checkpoints.save(step, state, extra=extra)
@@ -411,7 +411,7 @@ class _Run:
 
     img_per_s is each member's own rate; the console line is the mean over members.
     """
-    _check_finite(self.config, step, pending)
+    _check_finite(self.config, step, pending, self.checkpoints)
     rows = []
     members = None if self.setup.members is None else len(self.setup.members)
     for means, writer in zip(_member_means(pending, members), self.writers, strict=True):
@@ -425,7 +425,9 @@ class _Run:
     self.console.line(step, {'loss': loss, 'top1': top1})
 
 
-def _check_finite(config, step: int, pending: list[dict[str, jax.Array]]) -> None:
+def _check_finite(
+  config, step: int, pending: list[dict[str, jax.Array]], checkpoints: Checkpoints
+) -> None:
   """Stop (config 'stop') before a non-finite state can reach a checkpoint."""
   if config.on_nonfinite_loss != 'stop' or not pending:
     return
@@ -434,9 +436,18 @@ def _check_finite(config, step: int, pending: list[dict[str, jax.Array]]) -> Non
   if not finite.all():
     bad = step - len(pending) + 1 + int(np.argmin(finite))
     raise NonFiniteLossError(
-      f'non-finite loss or gradient at step {bad}; the last checkpoint before it is intact. '
+      f'non-finite loss or gradient at step {bad}; {_last_checkpoint(checkpoints)}. '
       'Lower the learning rate, or set --config.on_nonfinite_loss=skip to skip such steps.'
     )
+
+
+def _last_checkpoint(checkpoints: Checkpoints) -> str:
+  """What a run stopped by a non-finite loss left to resume from (its saves come from
+  finite states only, and the last one completes as the run closes)."""
+  saved = checkpoints.steps()
+  if not saved:
+    return 'no checkpoint was saved before it'
+  return f'the checkpoint of step {saved[-1]}, the last before it, is intact'
 
 
 class _Profile:
@@ -471,6 +482,19 @@ def read_checkpoint(
     if not ckpt.steps():
       raise UserError(f'no checkpoint in {ckpt.directory}; train first (without --mode=eval).')
     return ckpt.restore(setup.abstract_state(), step)
+
+
+def _record_evaluation(
+  member_dirs: Sequence[str], step: int, per_member: list[dict[str, float]]
+) -> None:
+  """Append each member's evaluation to its metrics; a workdir that cannot be written to
+  (another user's, a read-only mount) is evaluated all the same, its metrics only returned."""
+  try:
+    for member_dir, metrics in zip(member_dirs, per_member, strict=True):
+      with contextlib.closing(MetricWriter(member_dir, jax.process_index() == 0)) as writer:
+        writer.write(step, {**metrics, 'mode': 'eval'})
+  except OSError as e:
+    log.warning('the evaluation is not recorded in %s (%s)', member_dir, e.strerror or e)
 
 
 class Checkpoint(NamedTuple):
@@ -516,15 +540,14 @@ def evaluate_checkpoint(
   """Evaluate a checkpoint (default: the latest) on the full eval split and log it.
 
   Returns the metrics of each member (one entry for a single run; a stack's start with
-  'member': its name), each also written to its member's metrics.jsonl. Reads the
-  checkpoints without changing them: a damaged latest one is skipped, not moved.
+  'member': its name), each also recorded in its member's metrics.jsonl and TensorBoard
+  files (a row with 'mode': 'eval'), where the workdir can be written to. Changes no
+  checkpoint and no config: a damaged latest checkpoint is skipped, not moved.
   """
   setup = build(config, mesh)
   state = read_checkpoint(setup, config, workdir, step, allow_config_change)
   per_member = setup.evaluate(setup.eval_step(), state, data.eval_batches(config, setup.mesh))
-  for member_dir, metrics in zip(setup.member_dirs(workdir), per_member, strict=True):
-    with contextlib.closing(MetricWriter(member_dir, jax.process_index() == 0)) as writer:
-      writer.write(int(state.step), {**metrics, 'mode': 'eval'})
+  _record_evaluation(setup.member_dirs(workdir), int(state.step), per_member)
   if setup.members is not None:
     per_member = [{'member': m.name, **x} for m, x in zip(setup.members, per_member, strict=True)]
   return per_member
