@@ -38,8 +38,8 @@ def test_readme_library_example_runs():
   'command, args, expected',
   [
     ('resnet-jax-summary', ['cifar_resnet20'], '269,722'),
-    ('resnet-jax-train', ['--helpfull'], 'Train (and resume), or evaluate only.'),
-    ('resnet-jax-convert', ['--helpfull'], 'Import: a torchvision/timm'),
+    ('resnet-jax-train', ['--helpfull'], 'train (resuming), or only evaluate a checkpoint'),
+    ('resnet-jax-convert', ['--helpfull'], 'import: a torchvision/timm'),
   ],
 )
 def test_console_commands(command, args, expected):

@@ -13,9 +13,8 @@ from conftest import mnist_config
 from flax import traverse_util
 
 from resnet_jax import sharding
-from resnet_jax.commands import convert
 from resnet_jax.errors import UserError
-from resnet_jax.training import train
+from resnet_jax.training import torch_weights, train
 from resnet_jax.training import workdir as workdir_lib
 from resnet_jax.training.checkpoints import Checkpoints
 from resnet_jax.training.metrics import read_metrics
@@ -44,7 +43,7 @@ def test_linear_probe_on_exported_weights_keeps_the_trunk_and_beats_a_random_one
   tfds_dir, mnist_workdir, tmp_path
 ):
   weights = tmp_path / 'mnist_resnet14.safetensors'
-  line = convert.export_weights(mnist_config(tfds_dir), str(mnist_workdir), str(weights))
+  line = torch_weights.export_weights(mnist_config(tfds_dir), str(mnist_workdir), str(weights))
   assert 'torchvision has no such net' in line  # a CIFAR-style net: the weights still map
   config, pretrained_row = _probe(tfds_dir, tmp_path / 'probe', init_from=str(weights))
   _, scratch_row = _probe(tfds_dir, tmp_path / 'scratch')
@@ -90,8 +89,10 @@ def test_init_from_a_stack_member_and_its_errors(tfds_dir, mnist_workdir, tmp_pa
     assert np.array_equal(value, source[name] + np.float32(1.0)), name
   # Export picks the member too; its file holds what init_from read.
   with pytest.raises(UserError, match='choose --member= one of: seed0, seed1'):
-    convert.export_weights(c, str(tmp_path / 'stack'), str(tmp_path / 'm.safetensors'))
-  convert.export_weights(c, str(tmp_path / 'stack'), str(tmp_path / 'm.safetensors'), None, 'seed1')
+    torch_weights.export_weights(c, str(tmp_path / 'stack'), str(tmp_path / 'm.safetensors'))
+  torch_weights.export_weights(
+    c, str(tmp_path / 'stack'), str(tmp_path / 'm.safetensors'), None, 'seed1'
+  )
   exported = torch_format.read(str(tmp_path / 'm.safetensors'))
   assert np.array_equal(
     exported['conv1.weight'].transpose(2, 3, 1, 0), source['stem_conv/kernel'] + 1

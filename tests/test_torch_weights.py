@@ -17,9 +17,8 @@ import pytest
 
 from configs import default
 from resnet_jax import models
-from resnet_jax.commands import convert
 from resnet_jax.errors import UserError
-from resnet_jax.training import train
+from resnet_jax.training import torch_weights, train
 from resnet_jax.training.checkpoints import Checkpoints
 from resnet_jax.weights import torch_format as tw
 from tests.fixtures import torchvision_parity as tp
@@ -262,7 +261,7 @@ def test_convert_imports_a_workdir_then_exports_the_same_weights(tmp_path):
   source = tmp_path / 'r18.safetensors'
   tw.write(_generated(model), str(source), {})
   config = _imagenet_like()
-  line = convert.import_weights(config, str(tmp_path / 'w'), str(source))
+  line = torch_weights.import_weights(config, str(tmp_path / 'w'), str(source))
   assert 'as step 0 of' in line
   setup = train.build(config, check_data=False)
   checkpoints = Checkpoints(str(tmp_path / 'w'), read_only=True)
@@ -276,15 +275,17 @@ def test_convert_imports_a_workdir_then_exports_the_same_weights(tmp_path):
   np.testing.assert_allclose(logits, FIXTURE['resnet18/eval_logits'], atol=1e-5 * 0.6)
 
   with pytest.raises(UserError, match='already holds a run'):
-    convert.import_weights(config, str(tmp_path / 'w'), str(source))
-  line = convert.export_weights(config, str(tmp_path / 'w'), str(tmp_path / 'back.safetensors'))
+    torch_weights.import_weights(config, str(tmp_path / 'w'), str(source))
+  line = torch_weights.export_weights(
+    config, str(tmp_path / 'w'), str(tmp_path / 'back.safetensors')
+  )
   assert 'torchvision.models.resnet18(num_classes=1000)' in line
   back = tw.read(str(tmp_path / 'back.safetensors'))
   original = tw.read(str(source))
   assert back.keys() == original.keys()
   assert all(np.array_equal(back[k], original[k]) for k in back if back[k].ndim)
   with pytest.raises(UserError, match='exists; give a new --to file'):
-    convert.export_weights(config, str(tmp_path / 'w'), str(tmp_path / 'back.safetensors'))
+    torch_weights.export_weights(config, str(tmp_path / 'w'), str(tmp_path / 'back.safetensors'))
 
 
 def test_convert_cli_refuses_a_mismatching_file_in_one_line(tmp_path):
