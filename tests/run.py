@@ -9,7 +9,8 @@ oneDNN's instruction set are fixed when a process starts:
 3. the oneDNN tests (marked `onednn`) again under ONEDNN_MAX_CPU_ISA=AVX2 and SSE41, so a
    machine with AVX-512 also runs the kernels that an AVX2 laptop and an SSE4.1 CPU get.
 
-Options (e.g. `-q`, `-x`, `-k conv`) go to every part. A part that fails, or collects no
+Each part spreads its tests over one pytest-xdist worker per core. Options (e.g. `-q`,
+`-x`, `-k conv`, `-n 1` for one worker) go to every part. A part that fails, or collects no
 test, fails the run; every part runs either way.
 """
 
@@ -29,6 +30,9 @@ PARTS = (
   ),
 )  # fmt: skip
 NO_TESTS = 5  # pytest's exit status when it collected nothing
+# pytest-xdist workers per part, one per core: most tests wait on one compiling or starting
+# thread (a main.py subprocess, XLA's compiler), so two run at once on 2 cores.
+WORKERS = 'auto'
 
 
 def main(args: list[str]) -> int:
@@ -36,7 +40,7 @@ def main(args: list[str]) -> int:
   for name, markers, env in PARTS:
     print(f'== {name}: pytest -m "{markers}"', flush=True)
     start = time.monotonic()
-    cmd = [sys.executable, '-m', 'pytest', '-m', markers, *args]
+    cmd = [sys.executable, '-m', 'pytest', '-m', markers, '-n', WORKERS, *args]
     status = subprocess.run(cmd, env={**os.environ, **env}, check=False).returncode
     outcome = 'passed' if status == 0 else f'FAILED (pytest exit status {status})'
     if status == NO_TESTS:
