@@ -51,28 +51,27 @@ X86_LINUX = platform.system() == 'Linux' and platform.machine() == 'x86_64'
 
 @pytest.mark.parametrize('shape', SHAPES, ids=str)
 def test_every_lowering_equals_xla_within_rounding(shape):
-  xs, ws, strides, padding = SHAPES[shape]
-  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
-  x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
-  g = cl.Geometry(xs, ws, strides, padding)
-  dy = jax.random.normal(kd, (xs[0], *g.out_hw, ws[3]))
-  want, bounds = onednn_check.rounding_bounds(x, w, dy, strides, padding)
+  case = _case(shape)
   for lowering in LOWERINGS:
     if 'onednn' not in lowering:  # test_onednn_equals_xla_within_rounding
-      _assert_within(lowering, g, x, w, dy, want, bounds)
+      _assert_within(lowering, *case)
 
 
 @pytest.mark.onednn
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN does not load here')
 @pytest.mark.parametrize('shape', SHAPES, ids=str)
 def test_onednn_equals_xla_within_rounding(shape):
+  _assert_within(cl.ONEDNN, *_case(shape))
+
+
+def _case(shape):
+  """SHAPES[shape]'s geometry, random x, w and dy, XLA's y, dx, dw and their bounds."""
   xs, ws, strides, padding = SHAPES[shape]
   kx, kw, kd = jax.random.split(jax.random.key(0), 3)
   x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
   g = cl.Geometry(xs, ws, strides, padding)
   dy = jax.random.normal(kd, (xs[0], *g.out_hw, ws[3]))
-  want, bounds = onednn_check.rounding_bounds(x, w, dy, strides, padding)
-  _assert_within(cl.ONEDNN, g, x, w, dy, want, bounds)
+  return g, x, w, dy, *onednn_check.rounding_bounds(x, w, dy, strides, padding)
 
 
 def _assert_within(lowering, g, x, w, dy, want, bounds):
