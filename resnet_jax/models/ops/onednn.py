@@ -337,10 +337,10 @@ class _Convolution:
     """One direction on data addresses: forward (x, w) -> y, input_grad (dy, w) -> dx,
     weight_grad (x, dy) -> dw. Safe from any thread: runs are serialized."""
     with self.rt.lock:
-      self._run(getattr(self, direction), direction, a, b, out)
+      self._run(direction, a, b, out)
 
-  def _run(self, d: _Direction, direction: str, a: int, b: int, out: int) -> None:
-    rt = self.rt
+  def _run(self, direction: str, a: int, b: int, out: int) -> None:
+    d, rt = getattr(self, direction), self.rt
     blocked = d.blocked.ctypes.data
     if direction == 'weight_grad':
       rt.execute(
