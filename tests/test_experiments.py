@@ -5,6 +5,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -208,6 +209,11 @@ def test_cli_dry_run_and_error_exit():
   )
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith('error: ')
+  too_many = subprocess.run(
+    [*cmd, '--parallel=100000'], capture_output=True, text=True, cwd=suites.REPO, check=False
+  )
+  assert too_many.returncode == 2
+  assert too_many.stderr.strip().startswith('error: --parallel=100000: this process may use')
 
 
 def test_driver_skips_done_runs_and_survives_failures(tmp_path):
@@ -217,7 +223,7 @@ def test_driver_skips_done_runs_and_survives_failures(tmp_path):
   (tmp_path / 'a' / 'seed0' / 'DONE').write_text('{}')
   calls = []
 
-  def fake_runner(command, log_path, fail=True):
+  def fake_runner(command, log_path, cpus, fail=True):
     calls.append(command)
     with open(log_path, 'a') as f:
       f.write('compiling\nerror: boom\n')
@@ -242,7 +248,9 @@ def test_driver_skips_done_runs_and_survives_failures(tmp_path):
   )
 
   # The rerun only retries the failed run; its success clears FAILED.
-  results = run_suite.run_jobs(jobs, workdir, lambda c, p: fake_runner(c, p, fail=False))
+  results = run_suite.run_jobs(
+    jobs, workdir, lambda c, p, cpus: fake_runner(c, p, cpus, fail=False)
+  )
   assert results == {
     'ok': ['b/seed0'],
     'failed': [],
@@ -252,12 +260,59 @@ def test_driver_skips_done_runs_and_survives_failures(tmp_path):
   assert not (tmp_path / 'b' / 'seed0' / 'FAILED').exists()
 
 
+def test_cpu_groups_split_the_affinity_mask_evenly(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 5})
+  assert run_suite.cpu_groups(1) == [None]
+  assert run_suite.cpu_groups(2) == [frozenset({0, 1}), frozenset({2, 3})]
+  assert run_suite.cpu_groups(5) == [frozenset({c}) for c in (0, 1, 2, 3, 5)]
+  for bad in (0, 6):
+    with pytest.raises(UserError, match='give 1 to 5'):
+      run_suite.cpu_groups(bad)
+
+
+def test_parallel_jobs_run_at_once_on_disjoint_cpus(tmp_path, monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})
+  workdir = str(tmp_path)
+  jobs = suites.expand([_toy_run(name) for name in 'abcd'], workdir)
+  both_running = threading.Barrier(2, timeout=10)  # broken unless two jobs overlap
+  cpus_of = {}
+
+  def overlapping_runner(command, log_path, cpus):
+    name = command[3].split('/')[-2]
+    cpus_of[name] = cpus
+    if name in 'ab':
+      both_running.wait()
+    return 0
+
+  results = run_suite.run_jobs(jobs, workdir, overlapping_runner, parallel=2)
+  assert sorted(results['ok']) == ['a/seed0', 'b/seed0', 'c/seed0', 'd/seed0']
+  assert {cpus_of['a'], cpus_of['b']} == {frozenset({0, 1}), frozenset({2, 3})}
+  assert all((tmp_path / name / 'seed0' / 'DONE').exists() for name in 'abcd')
+
+
+def test_subprocess_runner_pins_the_program_and_its_openmp_threads(tmp_path):
+  mask = os.sched_getaffinity(0)
+  cpu = min(mask)
+  log = tmp_path / 'log.txt'
+  show = 'import os; print(sorted(os.sched_getaffinity(0)), os.environ["OMP_NUM_THREADS"])'
+  codes = []
+  worker = threading.Thread(  # the pin is the calling thread's, as in run_jobs
+    target=lambda: codes.append(
+      run_suite.subprocess_runner([sys.executable, '-c', show], str(log), frozenset({cpu}))
+    )
+  )
+  worker.start()
+  worker.join()
+  assert codes == [0] and log.read_text() == f'[{cpu}] 1\n'
+  assert os.sched_getaffinity(0) == mask  # this thread is not pinned
+
+
 def test_a_preempted_run_is_neither_done_nor_failed_and_stops_the_suite(tmp_path):
   workdir = str(tmp_path)
   jobs = suites.expand([_toy_run('a'), _toy_run('b')], workdir)
   calls = []
 
-  def preempted_runner(command, log_path):
+  def preempted_runner(command, log_path, cpus):
     calls.append(command)
     return EXIT_PREEMPTED  # what main.py exits with after a SIGTERM, its state saved
 
@@ -267,7 +322,7 @@ def test_a_preempted_run_is_neither_done_nor_failed_and_stops_the_suite(tmp_path
   assert not (tmp_path / 'a' / 'seed0' / 'DONE').exists()
   assert not (tmp_path / 'a' / 'seed0' / 'FAILED').exists()
   # The rerun trains it again (main.py resumes from its checkpoint).
-  assert run_suite.run_jobs(jobs, workdir, lambda c, p: 0)['ok'] == ['a/seed0', 'b/seed0']
+  assert run_suite.run_jobs(jobs, workdir, lambda c, p, cpus: 0)['ok'] == ['a/seed0', 'b/seed0']
 
 
 def test_manifest_merges_runs_of_earlier_calls_in_suite_order(tmp_path):
