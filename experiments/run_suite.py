@@ -174,9 +174,9 @@ def run_jobs(
   jobs: Sequence[suites.Job],
   workdir: str,
   runner: Runner = subprocess_runner,
-  parallel: int = 1,
+  groups: Sequence[Cpus] = (None,),
 ) -> dict[str, list[str]]:
-  """Every job, `parallel` at a time on their own CPUs (`cpu_groups`), a failure not
+  """Every job, one at a time per CPU group of `groups` (`cpu_groups`), a failure not
   stopping the rest, a preemption stopping them all (the jobs running go on to their own
   SIGTERM): {'ok'|'failed'|'skipped'|'preempted': [dirs]}, each list in order of ending."""
   results: dict[str, list[str]] = {'ok': [], 'failed': [], 'skipped': [], 'preempted': []}
@@ -201,7 +201,7 @@ def run_jobs(
           with open(os.path.join(workdir, job.directory, FAILED_FILE)) as f:
             print(f.read(), file=sys.stderr, flush=True)
 
-  workers = [threading.Thread(target=work, args=(cpus,)) for cpus in cpu_groups(parallel)]
+  workers = [threading.Thread(target=work, args=(cpus,)) for cpus in groups]
   for worker in workers:
     worker.start()
   for worker in workers:
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   suite = suites.SUITES[args.suite]
   workdir = os.path.abspath(args.workdir)
   try:
-    cpu_groups(args.parallel)  # a bad --parallel fails before any run
+    groups = cpu_groups(args.parallel)  # a bad --parallel fails before any run
     runs = suites.select_runs(suite, args.depths)
     expand = suites.expand_stacked if args.stack else suites.expand
     jobs = expand(runs, workdir, args.seeds, args.steps_scale, suites.parse_sets(args.set))
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   write_manifest(workdir, args.suite, suite, runs, args.seeds, args.steps_scale)
-  results = run_jobs(jobs, workdir, parallel=args.parallel)
+  results = run_jobs(jobs, workdir, groups=groups)
   print(summary(results))
   sys.exit(EXIT_PREEMPTED if results['preempted'] else 1 if results['failed'] else 0)
 

@@ -284,7 +284,7 @@ def test_parallel_jobs_run_at_once_on_disjoint_cpus(tmp_path, monkeypatch):
       both_running.wait()
     return 0
 
-  results = run_suite.run_jobs(jobs, workdir, overlapping_runner, parallel=2)
+  results = run_suite.run_jobs(jobs, workdir, overlapping_runner, run_suite.cpu_groups(2))
   assert sorted(results['ok']) == ['a/seed0', 'b/seed0', 'c/seed0', 'd/seed0']
   assert {cpus_of['a'], cpus_of['b']} == {frozenset({0, 1}), frozenset({2, 3})}
   assert all((tmp_path / name / 'seed0' / 'DONE').exists() for name in 'abcd')
