@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--torch_layouts', default='nchw,channels_last')
   p.add_argument('--steps', type=int, default=3, help='steps per timed window')
   p.add_argument('--windows', type=int, default=5)
-  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--warmup', type=int, default=tt.WARMUP_STEPS, help='untimed steps of each')
   p.add_argument('--model_override', action='append', default=[], help='FIELD=VALUE, ours')
   p.add_argument(
     '--xla_baseline',

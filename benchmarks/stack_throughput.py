@@ -109,7 +109,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--dtype', choices=sorted(tt.DTYPES), default='fp32')
   p.add_argument('--steps', type=int, default=10, help='steps per timed window')
   p.add_argument('--windows', type=int, default=3, help='timed windows; the median is reported')
-  p.add_argument('--warmup', type=int, default=2, help='untimed steps after the first')
+  p.add_argument(
+    '--warmup', type=int, default=tt.WARMUP_STEPS, help='untimed steps after the first'
+  )
   p.add_argument('--compilation_cache_dir', default='', help="XLA's persistent cache ('' off)")
   args = p.parse_args(argv)
   args.models = args.models.split(',')

@@ -37,6 +37,12 @@ from resnet_jax.models.ops.cpu_info import cpu_model
 from resnet_jax.training import optim
 from resnet_jax.training import step as ts
 
+# Untimed steps after the first, by default. On a CPU the heap grows over the first steps
+# until its freed blocks can hold a step's temporaries (resnet_jax.host_memory): up to the
+# 8th step for cifar_resnet56 at batch 128, each such step faulting in an 830 MB block
+# (0.5-1.3 s more than the 0.65 s step on 2 cores). Timing earlier measures that transient.
+WARMUP_STEPS = 10
+
 DTYPES = {'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp32': 'float32', 'float32': 'float32'}
 
 # Dense datasheet peaks per device in TFLOP/s, (bfloat16, float32), first match of the
@@ -324,7 +330,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--dtype', choices=sorted(DTYPES), default='bf16', help='compute dtype')
   p.add_argument('--steps', type=int, default=20, help='steps per timed window')
   p.add_argument('--windows', type=int, default=5, help='timed windows; the median is reported')
-  p.add_argument('--warmup', type=int, default=3, help='untimed steps after the first')
+  p.add_argument('--warmup', type=int, default=WARMUP_STEPS, help='untimed steps after the first')
   p.add_argument(
     '--num_batches',
     type=int,
