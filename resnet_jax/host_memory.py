@@ -10,8 +10,11 @@ of new pages: 73,000 page faults a step, a quarter of that step's time on a 2-co
 `reuse_freed_memory()` sets glibc's malloc to serve every thread from the main heap,
 never to `mmap` a block and not to trim freed memory back to the OS, so the block of the
 previous step is handed out again. The process keeps its high-water mark of host memory
-instead of returning it between steps. Call it first thing in a process, before jax (or
-anything else) starts threads: a thread that has already picked its own heap keeps it.
+instead of returning it between steps; over the first steps the heap grows until its freed
+blocks hold a step's temporaries (for `cifar_resnet56` at batch 128, 830 MB blocks, up to
+four growths by the 8th step, each faulting its block in). Call it first thing in a
+process, before jax (or anything else) starts threads: a thread that has already picked
+its own heap keeps it.
 Elsewhere than Linux with glibc it does nothing.
 """
 
