@@ -64,6 +64,7 @@ size = 5 << 29
 faults = []
 for _ in range(2):
   block = libc.malloc(size)
+  assert block, 'malloc returned NULL'
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   ctypes.memset(block, 1, size)
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
