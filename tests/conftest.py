@@ -32,6 +32,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.helpers import built_once  # noqa: E402
+
 # The datasets folder of ../shared, beside the repository (also beside a CI clone).
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / 'shared' / 'datasets'
 TEST_DATASETS = ('mnist', 'cifar10')
@@ -84,17 +86,18 @@ def tfds_dir() -> str:
 @pytest.fixture(scope='session')
 def mnist_workdir(tfds_dir, tmp_path_factory) -> Path:
   """A workdir of a 14-layer ResNet trained on 19k MNIST examples (300 steps of 64, one
-  device, ~1 min); shared by the convergence test and the fine-tuning tests."""
+  device, ~1 min), built once per session; read by the convergence test and the
+  fine-tuning tests."""
   import jax
 
   from resnet_jax import sharding
   from resnet_jax.training import train
 
-  workdir = tmp_path_factory.mktemp('mnist_resnet14')
-  train.train_and_evaluate(
-    mnist_config(tfds_dir), str(workdir), sharding.make_mesh(jax.devices()[:1])
-  )
-  return workdir
+  def build(workdir: Path) -> None:
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    train.train_and_evaluate(mnist_config(tfds_dir), str(workdir), mesh)
+
+  return built_once(tmp_path_factory, 'mnist_resnet14', build)
 
 
 def mnist_config(tfds_dir: str):

@@ -1,11 +1,15 @@
-"""What several test files need: a fresh Python process on the CPU, its RESULT rows, and
-the Triton custom calls of a function lowered for CUDA on this GPU-less machine."""
+"""What several test files need: a fresh Python process on the CPU, its RESULT rows, a
+directory built once per test session, and the Triton custom calls of a function lowered
+for CUDA on this GPU-less machine."""
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,27 @@ def result_rows(stdout: str) -> list[dict]:
   return [
     json.loads(line[len('RESULT ') :]) for line in stdout.splitlines() if line.startswith('RESULT ')
   ]
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+  """Directory NAME, filled by `build` once per test session and then only read.
+
+  A session fixture runs once per pytest-xdist worker; the trained workdirs several test
+  files read cost a minute each, so the workers share one: the first builds it under a
+  lock, the others wait and reuse it.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # the session's folder, above each worker's own
+  path = root / name
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / f'{name}.built').exists():
+      shutil.rmtree(path, ignore_errors=True)  # what a failed build left
+      path.mkdir()
+      build(path)
+      (root / f'{name}.built').touch()
+  return path
 
 
 def triton_calls(fn, *args) -> int:

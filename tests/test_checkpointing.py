@@ -27,6 +27,7 @@ from resnet_jax.errors import EXIT_PREEMPTED, CheckpointWriteError, UserError
 from resnet_jax.training import checkpoints, train
 from resnet_jax.training.checkpoints import FINGERPRINTED_MARKER, Checkpoints
 from resnet_jax.training.metrics import read_metrics
+from tests.helpers import built_once
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,9 +118,9 @@ def _assert_same(a, b):
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  _finish(_main(workdir))
-  return workdir
+  """The smoke run without a stop, built once per session and only read (tests that
+  damage a workdir damage a copy)."""
+  return built_once(tmp_path_factory, 'uninterrupted', lambda w: _finish(_main(w)))
 
 
 def test_kill9_at_a_random_step_then_restart_equals_uninterrupted(tmp_path, uninterrupted):
@@ -496,20 +497,21 @@ def _free_port():
 def test_two_processes_compute_what_one_computes(tmp_path):
   # A small learning rate keeps the run in a stable regime, where rounding differences
   # stay rounding-sized instead of being amplified by training (that is not equality).
+  # XLA's convolutions on both sides: `auto` would pick oneDNN for a process of one device.
   flags = dict(num_train_steps=8, log_every_steps=1)
-  lr = '--config.learning_rate=0.001'
+  same = ('--config.learning_rate=0.001', '--config.model_overrides.conv_impl=xla')
   one = tmp_path / 'one'
-  _finish(_main(one, lr, devices=8, **flags))
+  _finish(_main(one, *same, devices=2, **flags))
   two = tmp_path / 'two'
   port = _free_port()
   procs = [
     _main(
       two,
-      lr,
+      *same,
       f'--coordinator_address=127.0.0.1:{port}',
       '--num_processes=2',
       f'--process_id={i}',
-      devices=4,
+      devices=1,
       **flags,
     )
     for i in range(2)
@@ -518,9 +520,9 @@ def test_two_processes_compute_what_one_computes(tmp_path):
     _finish(p)
   a, b = _params(one), _params(two)
   assert int(b.step) == 8
-  # The same global program over 8 devices, but gloo sums the cross-process all-reduces
-  # in another order than the in-process one: float32 sums of the same numbers, equal to
-  # a few ulps (~1e-7 relative). Losses are means over the batch: 1e-5 leaves a 100x
+  # The same global program over 2 devices, but gloo sums the cross-process all-reduces,
+  # where the order of a sum may differ from the in-process one: float32 sums of the same
+  # numbers, equal to a few ulps (~1e-7 relative). Losses are means over the batch: 1e-5 leaves a 100x
   # margin over that rounding. Updates are lr x gradient, so parameters differ by ~1e-7
   # of an update, far below 1e-6 of their norm.
   flat = [ravel_pytree(x.params)[0] for x in (a, b)]

@@ -9,22 +9,33 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
 from resnet_jax.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _main(tmp_path, *flags, config='configs/smoke.py', env=None):
+# main.py as a script that then says whether tensorflow was imported.
+_MAIN_THEN_TELL_TF = (
+  'import atexit, runpy, sys; '
+  "atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules)); "
+  "sys.argv[0] = 'main.py'; runpy.run_path('main.py', run_name='__main__')"
+)
+
+
+def _main(tmp_path, *flags, config='configs/smoke.py', devices=1, env=None):
   cmd = [
     sys.executable,
-    'main.py',
+    '-c',
+    _MAIN_THEN_TELL_TF,
     f'--config={config}',
     f'--workdir={tmp_path / "w"}',
     '--config.compilation_cache_dir=',
     *flags,
   ]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', **(env or {}))
+  xla_flags = f'--xla_force_host_platform_device_count={devices}'
+  env = dict(os.environ, XLA_FLAGS=xla_flags, **(env or {}))
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -51,7 +62,7 @@ def _error_line(result):
   ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, expected):
-  assert expected in _error_line(_main(tmp_path, *flags))
+  assert expected in _error_line(_main(tmp_path, *flags, devices=8))
 
 
 def test_nonfinite_loss_before_the_first_checkpoint_says_there_is_none(tmp_path):
@@ -89,7 +100,18 @@ def test_smoke_config_trains_and_logs(tmp_path):
   assert [r['step'] for r in train_rows] == [5, 10, 15, 20]
   assert {'train_top1', 'train_top5', 'lr', 'img_per_s'} <= set(train_rows[0])
   assert [r['step'] for r in eval_rows] == [10, 20] and eval_rows[-1]['eval_count'] == 1000
-  assert list((tmp_path / 'w' / 'tensorboard').iterdir())
+  # TensorBoard gets the same floats (as float32), and synthetic data need no tensorflow:
+  # its import would be 3-4 s of every such run.
+  events = [
+    e
+    for path in (tmp_path / 'w' / 'tensorboard').iterdir()
+    for e in LegacyEventFileLoader(str(path)).Load()
+  ]
+  assert events[0].file_version == 'brain.Event:2'
+  logged = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
+  floats = {(r['step'], k): v for r in rows for k, v in r.items() if isinstance(v, float)}
+  assert logged == pytest.approx(floats, rel=1e-6)
+  assert 'tensorflow imported: False' in result.stdout
 
 
 def test_small_resnet_learns_mnist(mnist_workdir):

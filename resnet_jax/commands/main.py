@@ -9,7 +9,6 @@ processes (a multi-host TPU slice, a GPU cluster), each process runs this same c
 see docs/distributed.md.
 """
 
-import contextlib
 import os
 import sys
 
@@ -99,25 +98,6 @@ def _init_jax() -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def _quiet_tensorflow() -> None:
-  """Import tensorflow (if installed) with its C++ start-up notices sent to /dev/null.
-
-  TF prints them straight to file descriptor 2 on import, ignoring TF_CPP_MIN_LOG_LEVEL,
-  ahead of every line of ours (errors included); its later logging obeys the variable.
-  """
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  sys.stderr.flush()
-  saved = os.dup(2)
-  try:
-    with open(os.devnull, 'w') as devnull:
-      os.dup2(devnull.fileno(), 2)
-      with contextlib.suppress(ImportError):
-        import tensorflow  # noqa: F401
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
 def run(_) -> None:
   console_logging()
   _init_jax()
@@ -180,7 +160,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main() -> None:
   usage.answer_help_or_version(sys.argv, usage.help_text(_USAGE, _ABOUT, __name__, _EXAMPLE))
-  _quiet_tensorflow()
   try:
     app.run(run, flags_parser=_parse_flags)
   except Preempted:

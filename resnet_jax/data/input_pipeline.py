@@ -20,18 +20,39 @@ import itertools
 import logging
 import os
 import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
 from resnet_jax.data.datasets import IN_MEMORY, NPZ_LAYOUT, DatasetSpec
 from resnet_jax.errors import UserError, first_line
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+  """File descriptor 2 goes to /dev/null inside, then back."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'w') as devnull:
+      os.dup2(devnull.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+# TF prints its C++ start-up notices straight to file descriptor 2 on import, whatever
+# TF_CPP_MIN_LOG_LEVEL says, ahead of every line of ours; its later logging obeys it.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+with _stderr_to_devnull():
+  import tensorflow as tf  # noqa: E402
+  import tensorflow_datasets as tfds  # noqa: E402
 
 log = logging.getLogger(__name__)
 
