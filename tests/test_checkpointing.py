@@ -521,10 +521,10 @@ def test_two_processes_compute_what_one_computes(tmp_path):
   a, b = _params(one), _params(two)
   assert int(b.step) == 8
   # The same global program over 2 devices, but gloo sums the cross-process all-reduces,
-  # where the order of a sum may differ from the in-process one: float32 sums of the same
-  # numbers, equal to a few ulps (~1e-7 relative). Losses are means over the batch: 1e-5 leaves a 100x
-  # margin over that rounding. Updates are lr x gradient, so parameters differ by ~1e-7
-  # of an update, far below 1e-6 of their norm.
+  # maybe in another order than the in-process one: float32 sums of the same numbers,
+  # equal to a few ulps (~1e-7 relative). Losses are means over the batch: 1e-5 leaves a
+  # 100x margin over that rounding. Updates are lr x gradient, so parameters differ by
+  # ~1e-7 of an update, far below 1e-6 of their norm.
   flat = [ravel_pytree(x.params)[0] for x in (a, b)]
   drift = np.linalg.norm(flat[0] - flat[1]) / np.linalg.norm(flat[0])
   print('parameters apart after 8 steps (relative norm):', drift)
