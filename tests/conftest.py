@@ -10,8 +10,8 @@ MESH_DEVICES = 8
 os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={MESH_DEVICES}')
 # One persistent compilation cache for the session and the main.py processes it starts
 # (inherited through the environment): a restart test compiles its step once, not per
-# process. Fresh per session, removed at its end; configs that name a cache dir still use
-# their own.
+# process. Fresh per session, removed at its end, unless the environment names one
+# (tests/run.py: one for all its parts); configs that name a cache dir still use their own.
 _SESSION_XLA_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _SESSION_XLA_CACHE = tempfile.mkdtemp(prefix='resnet_jax_test_xla_')

@@ -12,11 +12,17 @@ oneDNN's instruction set are fixed when a process starts:
 Each part spreads its tests over one pytest-xdist worker per core. Options (e.g. `-q`,
 `-x`, `-k conv`, `-n 1` for one worker) go to every part. A part that fails, or collects no
 test, fails the run; every part runs either way.
+
+The parts share one persistent XLA compilation cache (fresh per run, removed after it), so
+the oneDNN parts load the programs the 8-device part compiled: the cached program calls
+oneDNN by name, and oneDNN picks its kernels for the part's ISA when the program is traced.
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 PARTS = (
@@ -31,17 +37,30 @@ PARTS = (
 )  # fmt: skip
 NO_TESTS = 5  # pytest's exit status when it collected nothing
 # pytest-xdist workers per part, one per core: most tests wait on one compiling or starting
-# thread (a main.py subprocess, XLA's compiler), so two run at once on 2 cores.
-WORKERS = 'auto'
+# thread (a main.py subprocess, XLA's compiler), so two run at once on 2 cores. A worker
+# that runs out of tests takes some of another's (worksteal), instead of idling while the
+# other works through its share.
+WORKERS = ('-n', 'auto', '--dist', 'worksteal')
 
 
 def main(args: list[str]) -> int:
+  cache = None
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # else the caller's cache is used
+    cache = tempfile.mkdtemp(prefix='resnet_jax_test_xla_')
+  try:
+    return _run_parts(args, {'JAX_COMPILATION_CACHE_DIR': cache} if cache else {})
+  finally:
+    if cache:
+      shutil.rmtree(cache, ignore_errors=True)
+
+
+def _run_parts(args: list[str], cache_env: dict[str, str]) -> int:
   failed = []
   for name, markers, env in PARTS:
     print(f'== {name}: pytest -m "{markers}"', flush=True)
     start = time.monotonic()
-    cmd = [sys.executable, '-m', 'pytest', '-m', markers, '-n', WORKERS, *args]
-    status = subprocess.run(cmd, env={**os.environ, **env}, check=False).returncode
+    cmd = [sys.executable, '-m', 'pytest', '-m', markers, *WORKERS, *args]
+    status = subprocess.run(cmd, env={**os.environ, **cache_env, **env}, check=False).returncode
     outcome = 'passed' if status == 0 else f'FAILED (pytest exit status {status})'
     if status == NO_TESTS:
       outcome = 'FAILED: no tests collected'

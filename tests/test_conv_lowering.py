@@ -325,9 +325,15 @@ def test_committed_table_names_known_lowerings():
 @functools.cache
 def _sgd_steps(conv_impl: str, steps: int = 3):
   """Loss and parameters after `steps` SGD steps of a small ImageNet-stem net on fixed
-  data (7x7/2 stem, max pool, strided 3x3 and 1x1 projections, 3x3s on a 1x1 map)."""
+  data (7x7/2 stem, max pool, strided 3x3 and 1x1 projections, 3x3s on a 1x1 map): one
+  basic block per stage has every convolution kind of ResNet-18."""
   model = models.build_model(
-    'resnet18', stage_widths=(8, 8, 16, 16), stem_width=8, num_classes=5, conv_impl=conv_impl
+    'resnet18',
+    stage_sizes=(1, 1, 1, 1),
+    stage_widths=(8, 8, 16, 16),
+    stem_width=8,
+    num_classes=5,
+    conv_impl=conv_impl,
   )
   x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
   labels = jnp.arange(8) % 5
