@@ -14,8 +14,9 @@ Each part spreads its tests over one pytest-xdist worker per core. Options (e.g.
 test, fails the run; every part runs either way.
 
 The parts share one persistent XLA compilation cache (fresh per run, removed after it), so
-the oneDNN parts load the programs the 8-device part compiled: the cached program calls
-oneDNN by name, and oneDNN picks its kernels for the part's ISA when the program is traced.
+a part loads what an earlier part with its device count compiled (the oneDNN parts: the
+8-device part's and each other's programs). That is sound across ISAs: a cached program
+calls oneDNN by name, and oneDNN picks its kernels for the part's ISA when it is traced.
 """
 
 import os
