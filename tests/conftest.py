@@ -16,6 +16,10 @@ _SESSION_XLA_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _SESSION_XLA_CACHE = tempfile.mkdtemp(prefix='resnet_jax_test_xla_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_XLA_CACHE
+# Every program, not only those that compile for 1 s or more (jax's default; main.py's with
+# a config's cache dir): each main.py start also compiled its init, batches and checkpoint
+# fingerprints again, 1.5-2 s of its 9-11 s of CPU.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 # As the training command does, before anything starts a thread: XLA's per-step buffers
 # reuse freed memory instead of faulting in new pages (resnet_jax.host_memory).
