@@ -1,7 +1,8 @@
 """Throughput of stacked training: one program with K members against one run (K=1).
 
     python -m benchmarks.stack_throughput --models cifar_resnet20,cifar_resnet56 \\
-        --members 1,2,4,8,16 --methods auto [--batch 128] [--steps 10]
+        --members 1,2,4,8,16 --methods auto [--batch 128] [--steps 10] \\
+        [--model_override shortcut=B]
 
 For each model and K, times the stacked train step (resnet_jax.training.stack) of K members, each
 with its own seed and a batch of `--batch` images, on synthetic batches that live on the
@@ -27,6 +28,7 @@ import jax
 from benchmarks import train_throughput as tt
 from resnet_jax import sharding
 from resnet_jax.data import on_device
+from resnet_jax.errors import UserError
 from resnet_jax.training import optim, stack
 from resnet_jax.training import step as ts
 
@@ -34,7 +36,8 @@ from resnet_jax.training import step as ts
 def measure(model_name: str, k: int, method: str, args: argparse.Namespace) -> dict[str, Any]:
   """One row: the step of a K-member stack (K=1: the single run's step), timed."""
   mesh = sharding.make_mesh()
-  model = tt.build_model(model_name, tt.DTYPES[args.dtype], {'zero_init_last_bn': False})
+  overrides = {'zero_init_last_bn': False, **args.model_overrides}
+  model = tt.build_model(model_name, tt.DTYPES[args.dtype], overrides)
   shape = (32, 32, 3)
   config = tt.optimizer_config(args.batch)
   config.nesterov, config.weight_decay_on_norm_and_bias = False, True  # the CIFAR recipe
@@ -70,6 +73,7 @@ def measure(model_name: str, k: int, method: str, args: argparse.Namespace) -> d
   step_s = statistics.median(windows)
   return {
     'model': model_name,
+    'model_overrides': args.model_overrides,
     'members': k,
     'method': method,
     'batch_per_member': args.batch,
@@ -112,8 +116,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     '--warmup', type=int, default=tt.WARMUP_STEPS, help='untimed steps after the first'
   )
+  p.add_argument(
+    '--model_override',
+    action='append',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='a models.ResNet field of every model, e.g. shortcut=B (repeatable)',
+  )
   p.add_argument('--compilation_cache_dir', default='', help="XLA's persistent cache ('' off)")
   args = p.parse_args(argv)
+  try:
+    args.model_overrides = tt.parse_overrides(args.model_override)
+  except UserError as e:
+    p.error(str(e))
   args.models = args.models.split(',')
   args.members = [int(k) for k in args.members.split(',')]
   args.methods = args.methods.split(',')

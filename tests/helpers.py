@@ -1,6 +1,6 @@
 """What several test files need: a fresh Python process on the CPU, its RESULT rows, a
-directory built once per test session, and the Triton custom calls of a function lowered
-for CUDA on this GPU-less machine."""
+training process's progress, a directory built once per test session, and the Triton
+custom calls of a function lowered for CUDA on this GPU-less machine."""
 
 import fcntl
 import json
@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,23 @@ def result_rows(stdout: str) -> list[dict]:
   return [
     json.loads(line[len('RESULT ') :]) for line in stdout.splitlines() if line.startswith('RESULT ')
   ]
+
+
+def wait_for_step(
+  workdir: str | Path, step: int, proc: subprocess.Popen, timeout: float = 120
+) -> None:
+  """Returns once `proc`, training into `workdir`, has logged a metrics row at `step` or
+  later; fails if it exits first. Polls (every 50 ms, leaving the cores to `proc`)."""
+  path = Path(workdir) / 'metrics.jsonl'
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read()
+    if path.exists() and any(
+      json.loads(line)['step'] >= step for line in path.read_text().splitlines() if line.strip()
+    ):
+      return
+    time.sleep(0.05)
+  raise TimeoutError(f'step {step} not reached')
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:

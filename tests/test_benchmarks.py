@@ -25,7 +25,8 @@ def test_harness_reports_a_result_without_tensorflow_or_ml_collections():
       from benchmarks import train_throughput
       code = train_throughput.main(['--model', 'cifar_resnet20', '--batch', '8',
                                     '--image_size', '16', '--steps', '2', '--windows', '2',
-                                    '--warmup', '1', '--compilation_cache_dir', ''])
+                                    '--warmup', '1', '--compilation_cache_dir', '',
+                                    '--model_override', 'stage_sizes=(1,1,1)'])
       assert 'tensorflow' not in sys.modules, 'a benchmark module imported tensorflow'
       sys.exit(code)
       """,
@@ -182,6 +183,7 @@ def test_parse_overrides_literals_strings_and_errors():
 def test_full_loop_benchmark_reports_its_windows_beside_the_harness():
   # The real train_and_evaluate on two devices: windows of 2 steps, a checkpoint, an eval.
   args = ['--model', 'cifar_resnet20', '--batch', '8', '--image_size', '16', '--dtype', 'fp32']
+  args += ['--model_override', 'stage_sizes=(1,1,1)']  # ResNet-8: a third of the compile
   proc = run_python(
     f"""
       import sys
@@ -378,7 +380,8 @@ def test_step_profile_traces_the_step_and_sums_per_op(tmp_path):
       sys.exit(step_profile.main(['--model', 'cifar_resnet20', '--batch', '8', '--image_size',
                                   '16', '--dtype', 'fp32', '--steps', '2', '--top', '5',
                                   '--compilation_cache_dir', '', '--show_fusions', '1',
-                                  '--dump_hlo', {str(tmp_path)!r}]))
+                                  '--dump_hlo', {str(tmp_path)!r},
+                                  '--model_override', 'stage_sizes=(1,1,1)']))
       """
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -422,7 +425,8 @@ def test_stack_benchmark_rows_and_table_without_tensorflow_or_ml_collections():
       from benchmarks import stack_throughput
       code = stack_throughput.main(['--models', 'cifar_resnet20', '--members', '2',
                                     '--methods', 'unroll,vmap', '--batch', '8', '--steps', '1',
-                                    '--windows', '1', '--warmup', '0'])
+                                    '--windows', '1', '--warmup', '0',
+                                    '--model_override', 'stage_sizes=(1,1,1)'])
       assert 'tensorflow' not in sys.modules, 'the stack benchmark imported tensorflow'
       sys.exit(code)
       """,
@@ -432,6 +436,7 @@ def test_stack_benchmark_rows_and_table_without_tensorflow_or_ml_collections():
   rows = result_rows(proc.stdout)
   assert [(r['members'], r['method']) for r in rows] == [(1, 'single'), (2, 'unroll'), (2, 'vmap')]
   assert all(r['img_per_s'] > 0 and r['num_devices'] == 2 for r in rows)
+  assert all(r['model_overrides'] == {'stage_sizes': [1, 1, 1]} for r in rows)
   table = [line for line in proc.stdout.splitlines() if line.startswith('| cifar_resnet20')]
   assert len(table) == 3 and table[0].split('|')[6].strip() == '1.00'
 

@@ -1,7 +1,6 @@
 """Fault tolerance: kill -9, SIGTERM, damaged checkpoints, other meshes, two processes."""
 
 import asyncio
-import json
 import os
 import random
 import re
@@ -11,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +25,7 @@ from resnet_jax.errors import EXIT_PREEMPTED, CheckpointWriteError, UserError
 from resnet_jax.training import checkpoints, train
 from resnet_jax.training.checkpoints import FINGERPRINTED_MARKER, Checkpoints
 from resnet_jax.training.metrics import read_metrics
-from tests.helpers import built_once
+from tests.helpers import built_once, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,19 +85,6 @@ def _main(workdir, *extra, devices=1, **overrides):
   )
 
 
-def _wait_for_step(workdir, step, proc, timeout=120):
-  path = Path(workdir) / 'metrics.jsonl'
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    assert proc.poll() is None, proc.stdout.read()
-    if path.exists() and any(
-      json.loads(line)['step'] >= step for line in path.read_text().splitlines() if line.strip()
-    ):
-      return
-    time.sleep(0.05)
-  raise TimeoutError(f'step {step} not reached')
-
-
 def _finish(proc, code=0):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == code, out
@@ -134,7 +119,7 @@ def test_kill9_at_a_random_step_then_restart_equals_uninterrupted(tmp_path, unin
   kill_at = random.Random().randint(3, 20)
   print('kill -9 after step', kill_at)
   proc = _main(tmp_path)
-  _wait_for_step(tmp_path, kill_at, proc)
+  wait_for_step(tmp_path, kill_at, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   _finish(_main(tmp_path))
@@ -151,7 +136,7 @@ def test_sigterm_stops_at_the_next_step_and_the_resumed_log_is_exact(tmp_path, u
   sparse = dict(log_every_steps=10, checkpoint_every_steps=100, eval_every_steps=100)
   preempted, whole = tmp_path / 'preempted', tmp_path / 'whole'
   proc = _main(preempted, **sparse)
-  _wait_for_step(preempted, 10, proc)
+  wait_for_step(preempted, 10, proc)
   proc.send_signal(signal.SIGTERM)
   out = _finish(proc, code=EXIT_PREEMPTED)  # saved, not finished: a scheduler reruns it
   assert 'preempted at step' in out
@@ -175,7 +160,7 @@ def test_sigterm_during_an_evaluation_stops_it_saves_and_reruns_it_on_resume(
   # the signal comes once the train row of step 12 is written, as its evaluation starts.
   flags = dict(eval_batch_size=8)
   proc = _main(tmp_path, **flags)
-  _wait_for_step(tmp_path, 12, proc)
+  wait_for_step(tmp_path, 12, proc)
   proc.send_signal(signal.SIGTERM)
   out = _finish(proc, code=EXIT_PREEMPTED)  # saved, not finished: a scheduler reruns it
   assert 'preempted at step 12 during its evaluation (it reruns on resume)' in out, out
@@ -430,7 +415,7 @@ def test_a_save_that_fails_in_the_background_stops_the_run_with_one_line(tmp_pat
   # The directory becomes read-only after the start: orbax's async save fails in its
   # threads, and the loop notices at the next step (and the process does not hang).
   proc = _main(tmp_path, '--config.num_train_steps=400', '--config.checkpoint_every_steps=100')
-  _wait_for_step(tmp_path, 5, proc)
+  wait_for_step(tmp_path, 5, proc)
   ckpt = tmp_path / 'checkpoints'
   if subprocess.run(['chattr', '+i', str(ckpt)], capture_output=True).returncode:
     proc.kill()

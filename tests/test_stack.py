@@ -1,6 +1,5 @@
 """Stacks of runs (resnet_jax.training.stack): each member computes what its single run computes."""
 
-import json
 import random
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from resnet_jax.errors import UserError
 from resnet_jax.training import stack, train
 from resnet_jax.training.checkpoints import Checkpoints
 from resnet_jax.training.metrics import read_metrics
+from tests.helpers import wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / 'shared' / 'datasets'
@@ -102,6 +102,7 @@ def test_each_member_computes_its_single_run(method, singles, tfds_dir):
     assert param_error <= 1e-5 and stats_error <= 1e-5
 
 
+@pytest.mark.mesh  # `singles` runs on 2 devices: built once, in the part of the tests above
 def test_members_differ_as_their_single_runs_do(singles):
   losses = {name: singles[name][1] for name in MEMBERS}
   # Another seed: another initialisation and data order, so other losses from step 1.
@@ -249,9 +250,7 @@ def test_kill9_then_restart_equals_an_uninterrupted_stack_and_eval_covers_member
   kill_at = random.Random().randint(3, 20)
   print('kill -9 after step', kill_at)
   proc = _main(killed)
-  path = killed / 'plain_seed0' / 'metrics.jsonl'
-  while not (path.exists() and any(json.loads(x)['step'] >= kill_at for x in path.open())):
-    assert proc.poll() is None, proc.stdout.read()
+  wait_for_step(killed / 'plain_seed0', kill_at, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   _finish(_main(killed))
