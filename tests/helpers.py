@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from jax.experimental.pallas import triton as pltriton
 
+from resnet_jax.training.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 TRITON_TARGET = getattr(pltriton, 'CUSTOM_CALL_TARGET_NAME', '__gpu$xla.gpu.triton')
 
@@ -53,14 +55,12 @@ def wait_for_step(
   workdir: str | Path, step: int, proc: subprocess.Popen, timeout: float = 120
 ) -> None:
   """Returns once `proc`, training into `workdir`, has logged a metrics row at `step` or
-  later; fails if it exits first. Polls (every 50 ms, leaving the cores to `proc`)."""
-  path = Path(workdir) / 'metrics.jsonl'
+  later; fails if it exits first. Polls (every 50 ms, leaving the cores to `proc`), reading
+  only complete rows: `proc` may be writing the last one."""
   deadline = time.time() + timeout
   while time.time() < deadline:
     assert proc.poll() is None, proc.stdout.read()
-    if path.exists() and any(
-      json.loads(line)['step'] >= step for line in path.read_text().splitlines() if line.strip()
-    ):
+    if any(row['step'] >= step for row in read_metrics(str(workdir))):
       return
     time.sleep(0.05)
   raise TimeoutError(f'step {step} not reached')
