@@ -3,11 +3,13 @@
 import os
 import tempfile
 
+from tests.process_env import xla_flags
+
 # Before anything imports jax: a session sees 8 CPU devices unless XLA_FLAGS says otherwise
 # (tests/run.py runs the tests marked `mesh` on 8, the rest on 1, where oneDNN's
 # convolutions run); 1-device tests use make_mesh(jax.devices()[:1]).
 MESH_DEVICES = 8
-os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={MESH_DEVICES}')
+os.environ.setdefault('XLA_FLAGS', xla_flags(MESH_DEVICES))
 # One persistent compilation cache for the session and the main.py processes it starts
 # (inherited through the environment): a restart test compiles its step once, not per
 # process. Fresh per session, removed at its end, unless the environment names one

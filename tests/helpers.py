@@ -17,6 +17,7 @@ import pytest
 from jax.experimental.pallas import triton as pltriton
 
 from resnet_jax.training.metrics import read_metrics
+from tests.process_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_TARGET = getattr(pltriton, 'CUSTOM_CALL_TARGET_NAME', '__gpu$xla.gpu.triton')
@@ -29,7 +30,7 @@ def run_python(
   # Set explicitly: the test session's XLA_FLAGS (8 devices) would otherwise be inherited.
   full_env = {
     **os.environ,
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'XLA_FLAGS': xla_flags(devices),
     'JAX_PLATFORMS': 'cpu',
     'PYTHONPATH': str(REPO),
     **env,

@@ -26,13 +26,13 @@ import sys
 import tempfile
 import time
 
+from process_env import xla_flags  # tests/, this script's folder, is first on sys.path
+
 PARTS = (
-  ('one device', 'not mesh', {'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}),
-  ('8 devices', 'mesh', {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}),
+  ('one device', 'not mesh', {'XLA_FLAGS': xla_flags(1)}),
+  ('8 devices', 'mesh', {'XLA_FLAGS': xla_flags(8)}),
   *(
-    (f'oneDNN at {isa}', 'onednn', {
-      'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'ONEDNN_MAX_CPU_ISA': isa,
-    })
+    (f'oneDNN at {isa}', 'onednn', {'XLA_FLAGS': xla_flags(8), 'ONEDNN_MAX_CPU_ISA': isa})
     for isa in ('AVX2', 'SSE41')
   ),
 )  # fmt: skip

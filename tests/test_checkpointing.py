@@ -26,6 +26,7 @@ from resnet_jax.training import checkpoints, train
 from resnet_jax.training.checkpoints import FINGERPRINTED_MARKER, Checkpoints
 from resnet_jax.training.metrics import read_metrics
 from tests.helpers import built_once, wait_for_step
+from tests.process_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,9 +65,7 @@ def _flags(**overrides):
 
 
 def _env(devices=1):
-  env = dict(
-    os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', PYTHONUNBUFFERED='1'
-  )
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONUNBUFFERED='1')
   env.pop('TFDS_DATA_DIR', None)
   return env
 

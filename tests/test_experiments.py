@@ -12,6 +12,7 @@ import pytest
 from experiments import report, run_suite, suites
 from resnet_jax.errors import EXIT_PREEMPTED, UserError
 from resnet_jax.training.metrics import read_metrics
+from tests.process_env import xla_flags
 
 SMOKE = 'configs/smoke.py'
 
@@ -347,7 +348,7 @@ def test_driver_trains_with_main_py_then_skips_and_reports(tmp_path, monkeypatch
   """A real 4-step smoke run (synthetic data) through main.py, then the report of it."""
   # One CPU device in the child, not conftest's 8: faster, and 8 devices' collectives can
   # time out on a busy 2-core machine.
-  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', xla_flags(1))
   workdir = str(tmp_path)
   suite = suites.Suite('smoke', 'none', (_toy_run('smoke'),))
   # 20 steps -> 4, eval every 2 (on 1000 synthetic images: 5 batches of 200).
@@ -391,7 +392,7 @@ def test_stack_groups_twins_and_seeds_into_one_program_each(tmp_path):
 
 def test_stacked_driver_trains_with_main_py_links_members_and_reports(tmp_path, monkeypatch):
   """A plain/residual pair of smoke nets as one 4-step stack through main.py."""
-  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', xla_flags(1))
   workdir = str(tmp_path)
   plain = suites.Run('plain', SMOKE, 'plain', 20, False, 'plain nets', {'model': 'cifar_plain20'})
   suite = suites.Suite('smoke', 'none', (plain, _toy_run('resnet')))

@@ -12,6 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
 from resnet_jax.training.metrics import read_metrics
+from tests.process_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,7 @@ def _main(tmp_path, *flags, config='configs/smoke.py', devices=1, env=None):
     '--config.compilation_cache_dir=',
     *flags,
   ]
-  xla_flags = f'--xla_force_host_platform_device_count={devices}'
-  env = dict(os.environ, XLA_FLAGS=xla_flags, **(env or {}))
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), **(env or {}))
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -1,5 +1,6 @@
 """Stacks of runs (resnet_jax.training.stack): each member computes what its single run computes."""
 
+import os
 import random
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from resnet_jax.training import stack, train
 from resnet_jax.training.checkpoints import Checkpoints
 from resnet_jax.training.metrics import read_metrics
 from tests.helpers import wait_for_step
+from tests.process_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / 'shared' / 'datasets'
@@ -216,7 +218,7 @@ def _main(workdir, *extra):
       *extra,
     ],
     cwd=REPO,
-    env={**__import__('os').environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+    env={**os.environ, 'XLA_FLAGS': xla_flags(2)},
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,

@@ -24,6 +24,7 @@ from resnet_jax.training.metrics import (
   read_metrics,
   truncate_metrics,
 )
+from tests.process_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def _main(w, *flags, config='configs/smoke.py'):
   # ResNet-8 (one block per stage): what a workdir keeps does not depend on depth.
   cmd += ['--config.compilation_cache_dir=', '--config.num_train_steps=8']
   cmd += ['--config.model_overrides.stage_sizes=(1,1,1)', *flags]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
